@@ -1,0 +1,188 @@
+"""Checkpoints that save atomically, load safely and resume exactly.
+
+* Saving writes to a temporary file in the same folder, fsyncs it and renames it over the final
+  name: a killed run leaves either the old checkpoint or the new one, never a truncated file.
+* Loading uses ``torch.load(weights_only=True)`` (no arbitrary unpickling); the only extra
+  globals allowed are the numpy scalar types that older torchreid checkpoints contain (their
+  ``rank1`` is a numpy float). torchreid's own loader fails on torch >= 2.6 for that reason.
+* Resuming restores model, optimizer, scheduler, epoch and the Python / numpy / torch (and CUDA)
+  RNG states, so a resumed run continues the same trajectory as an uninterrupted one.
+
+Example::
+
+    >>> import os, tempfile, torch
+    >>> from torchreid_vi.checkpoint import save_checkpoint, load_checkpoint
+    >>> path = os.path.join(tempfile.mkdtemp(), 'ckpt.pth')
+    >>> _ = save_checkpoint({'state_dict': torch.nn.Linear(2, 1).state_dict(), 'epoch': 3}, path)
+    >>> load_checkpoint(path)['epoch']
+    3
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import tempfile
+from collections import OrderedDict
+from typing import Optional
+
+import numpy as np
+import torch
+
+__all__ = ['save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state',
+           'training_state', 'resume_from_checkpoint', 'load_model_weights', 'CheckpointError']
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file is missing, unreadable or not what was expected."""
+
+
+def _numpy_safe_globals():
+    # Just enough to read torchreid's `rank1` numpy scalar (and its dtype) in old checkpoints.
+    allowed = [np.dtype]
+    try:
+        from numpy.core.multiarray import scalar  # numpy < 2 path, still importable in 2.x
+        allowed.append(scalar)
+    except ImportError:  # pragma: no cover
+        pass
+    try:
+        from numpy._core.multiarray import scalar as scalar2
+        allowed.append(scalar2)
+    except ImportError:  # pragma: no cover
+        pass
+    allowed += [type(np.dtype(t)) for t in ('float64', 'float32', 'int64')]
+    return allowed
+
+
+def save_checkpoint(state: dict, path: str) -> str:
+    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str, map_location='cpu') -> dict:
+    """Load a checkpoint safely (``weights_only=True`` + numpy scalar allow-list).
+
+    Raises:
+        CheckpointError: missing file, truncated/corrupt file, or a file that needs unpickling of
+            arbitrary objects (the message names the file and the offending type).
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f'checkpoint "{path}" does not exist')
+    try:
+        with torch.serialization.safe_globals(_numpy_safe_globals()):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f'refusing to load "{path}": it contains objects outside the safe allow-list '
+            f'({exc}). Re-save it with plain tensors/numbers, or load it yourself if you trust it.'
+        ) from exc
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise CheckpointError(f'cannot read checkpoint "{path}" (truncated or not a torch '
+                              f'checkpoint?): {exc}') from exc
+    return ckpt
+
+
+def rng_state() -> dict:
+    """Python, numpy, torch and CUDA RNG states as plain lists/tensors (weights_only-safe)."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        'python': [py[0], list(py[1]), py[2]],
+        'numpy': [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                  int(np_state[3]), float(np_state[4])],
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state['python']
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state['numpy']
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+def _unwrap(model):
+    return model.module if isinstance(model, torch.nn.DataParallel) else model
+
+
+def training_state(model, optimizer=None, scheduler=None, epoch: int = 0,
+                   rank1: Optional[float] = None, extra: Optional[dict] = None) -> dict:
+    """Everything needed to resume: ``epoch`` is the number of finished epochs."""
+    state = {
+        'state_dict': _unwrap(model).state_dict(),
+        'epoch': int(epoch),
+        'rank1': None if rank1 is None else float(rank1),
+        'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'scheduler': scheduler.state_dict() if scheduler is not None else None,
+        'rng': rng_state(),
+    }
+    state.update(extra or {})
+    return state
+
+
+def resume_from_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore model, optimizer, scheduler and RNG states from ``path``; return the checkpoint.
+
+    The caller starts at ``ckpt['epoch']`` (finished epochs).
+    """
+    ckpt = load_checkpoint(path)
+    for key in ('state_dict', 'epoch'):
+        if key not in ckpt:
+            raise CheckpointError(f'"{path}" is not a training checkpoint: no "{key}" entry '
+                                  f'(keys: {sorted(ckpt)})')
+    _unwrap(model).load_state_dict(ckpt['state_dict'])
+    if optimizer is not None and ckpt.get('optimizer') is not None:
+        optimizer.load_state_dict(ckpt['optimizer'])
+    if scheduler is not None and ckpt.get('scheduler') is not None:
+        scheduler.load_state_dict(ckpt['scheduler'])
+    if ckpt.get('rng') is not None:
+        set_rng_state(ckpt['rng'])
+    print(f'Resumed from "{path}" (finished epochs: {ckpt["epoch"]})')
+    return ckpt
+
+
+def load_model_weights(model, path: str) -> tuple:
+    """Load matching weights (a checkpoint's ``state_dict`` or a bare state dict) into ``model``.
+
+    Keys with a ``module.`` prefix (DataParallel) are accepted; entries whose name or shape does
+    not match are skipped and reported (like torchreid's ``load_pretrained_weights``).
+
+    Returns: ``(loaded_keys, skipped_keys)``. Raises :class:`CheckpointError` if nothing matches.
+    """
+    ckpt = load_checkpoint(path)
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
+    own = _unwrap(model).state_dict()
+    matched, skipped = OrderedDict(), []
+    for k, v in state.items():
+        k = k[7:] if k.startswith('module.') else k
+        if k in own and torch.is_tensor(v) and own[k].shape == v.shape:
+            matched[k] = v
+        else:
+            skipped.append(k)
+    if not matched:
+        raise CheckpointError(f'no weight in "{path}" matches the model (first keys: '
+                              f'{list(state)[:5]})')
+    own.update(matched)
+    _unwrap(model).load_state_dict(own)
+    print(f'Loaded weights from "{path}" ({len(matched)} tensors'
+          + (f'; skipped {len(skipped)}: {skipped[:8]}' if skipped else '') + ')')
+    return list(matched), skipped

@@ -1,0 +1,1 @@
+"""Command-line tools of torchreid_vi (synthetic data generator, demos)."""
