@@ -1,0 +1,78 @@
+"""Shared fixtures: synthetic SYSU-MM01 / RegDB / LLCM trees, built once per test session.
+
+Each ``<name>_root`` fixture returns ``(root, manifest)``:
+
+* ``root``: torchreid's data root (pass it as ``root=``); the dataset lies in
+  ``root/SYSU-MM01``, ``root/RegDB`` or ``root/LLCM``, all three under the same root, so
+  multi-source tests can use any of them;
+* ``manifest``: what the generator wrote (``torchreid_vi.tools.synthesize``); ``manifest['root']``
+  is the dataset folder itself. Tests assert against it, never against hard-coded numbers.
+
+The trees are shared: tests that modify files must copy them first (``copy_dataset``).
+Images are 32×16 (H×W) to keep the session set-up at a few seconds.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+
+FIXTURE_SEED = 0
+FIXTURE_SIZE = (32, 16)   # (H, W)
+DATASET_DIRS = {'sysu_mm01': 'SYSU-MM01', 'regdb': 'RegDB', 'llcm': 'LLCM'}
+
+
+@pytest.fixture(scope='session')
+def reid_data_root(tmp_path_factory):
+    """A session-wide torchreid data root holding the synthetic datasets."""
+    return tmp_path_factory.mktemp('reid-data')
+
+
+def _synthesize(root, dataset):
+    from torchreid_vi.tools.synthesize import synthesize
+    manifest = synthesize(dataset, os.path.join(str(root), DATASET_DIRS[dataset]),
+                          seed=FIXTURE_SEED, size=FIXTURE_SIZE)
+    return str(root), manifest
+
+
+@pytest.fixture(scope='session')
+def sysu_root(reid_data_root):
+    """``(root, manifest)`` of a synthetic SYSU-MM01 (60 pid range, official-like splits)."""
+    return _synthesize(reid_data_root, 'sysu_mm01')
+
+
+@pytest.fixture(scope='session')
+def regdb_root(reid_data_root):
+    """``(root, manifest)`` of a synthetic RegDB (24 pids, trials 1..10)."""
+    return _synthesize(reid_data_root, 'regdb')
+
+
+@pytest.fixture(scope='session')
+def llcm_root(reid_data_root):
+    """``(root, manifest)`` of a synthetic LLCM (train pids 1..12, test 13..24)."""
+    return _synthesize(reid_data_root, 'llcm')
+
+
+@pytest.fixture
+def copy_dataset(tmp_path):
+    """``copy_dataset(manifest, parent='data', edit=None) -> folder``: a private dataset copy.
+
+    The copy lies in ``tmp_path/<parent>/<dataset folder name>``; pass ``tmp_path/<parent>`` as
+    torchreid's root. With ``edit`` (top-level names such as ``('exp',)``) only those entries are
+    copied and the others are symlinked to the shared tree (fast for SYSU): edit only inside them.
+    """
+    def copy(manifest, parent='data', edit=None):
+        src = manifest['root']
+        dst = tmp_path / parent / os.path.basename(src)
+        if edit is None:
+            shutil.copytree(src, dst)
+            return str(dst)
+        dst.mkdir(parents=True)
+        for name in sorted(os.listdir(src)):
+            if name in edit:
+                shutil.copytree(os.path.join(src, name), dst / name)
+            else:
+                os.symlink(os.path.join(src, name), dst / name)
+        return str(dst)
+    return copy
