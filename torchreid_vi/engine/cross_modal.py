@@ -282,7 +282,7 @@ class CrossModalEngine(tr.engine.Engine):
         t1 = time.time()
         dist = self.pairwise_distance(ir, vis)
         dist_fn = self._distance_function(ir, vis)
-        dist_np = dist.double().cpu().numpy()
+        dist_np = dist.cpu().numpy()  # float32: ties are resolved exactly by the evaluator
         results = evaluate_settings(dist_np if dist_fn is None else dist_fn, dataset.query,
                                     gloader.dataset.gallery, settings,
                                     max_rank=self.cfg.vi.eval.max_rank)
