@@ -47,6 +47,7 @@ import torch
 from torch import nn
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
+from ..pretrained import RESNET18_URL, RESNET50_V1_URL
 from .layers import BNNeck, GeM, grad_reverse
 
 __all__ = [
@@ -59,10 +60,7 @@ MASK_MODES = ('pixel', 'se')
 CONFUSER_MODES = ('pseudo', 'grl')
 
 # ImageNet-1k V1 weights of torchvision (ResNet-50: the file the released code loads).
-RESNET_URLS = {
-    'resnet50': 'https://download.pytorch.org/models/resnet50-19c8e357.pth',
-    'resnet18': 'https://download.pytorch.org/models/resnet18-f37072fd.pth',
-}
+RESNET_URLS = {'resnet50': RESNET50_V1_URL, 'resnet18': RESNET18_URL}
 _ARCHS = {
     'resnet50': (Bottleneck, (3, 4, 6, 3)),
     'resnet18': (BasicBlock, (2, 2, 2, 2)),
@@ -277,8 +275,7 @@ class IDKLNet(nn.Module):
 
 
 def _load_imagenet(trunk: ResNet, arch: str):
-    # Imported here: pretrained=False must work (and not touch the network) even where the
-    # weights helper cannot reach anything.
+    # Looked up at call time so the loader can be substituted (tests, offline mirrors).
     from ..pretrained import load_imagenet_state_dict
 
     state = load_imagenet_state_dict(RESNET_URLS[arch], f'torchvision {arch} ImageNet-1k V1 weights '
