@@ -1,0 +1,198 @@
+"""Figures of XIV's X modality: visible / X / infrared triplets (paper Fig. 4) and the per-channel
+intensity histograms of visible vs X images (paper Fig. 3).
+
+Usage::
+
+    python -m torchreid_vi.tools.xiv_figures --config-file configs/xiv/sysu_mm01.yaml \\
+        --root /data --load-weights log/xiv_sysu/model/model.pth.tar-120 --out figures/
+        [--num-ids 6] [--max-images 2000] [key value ...]
+
+Writes ``<out>/triplets.png``, ``<out>/channel_histograms.png`` and ``<out>/channel_means.json``
+(mean R, G, B of visible and X images, so "X is redder" is a number as well as a picture).
+
+Images are read from the first source dataset's training split, resized to
+``data.height × data.width`` and normalised as at test time (no augmentation). The X image is
+``g`` of the normalised visible image, shown after undoing the normalisation and clipping to
+[0, 1] (the learned ``g`` is not constrained to the displayable range). Only the generator's
+weights are used; the generator kind comes from ``xiv.generator`` of the config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import os.path as osp
+import sys
+from typing import List, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ['main', 'load_generator', 'channel_means', 'plot_triplets', 'plot_histograms']
+
+_CHANNELS = (('R', 'tab:red'), ('G', 'tab:green'), ('B', 'tab:blue'))
+
+
+def _config(args):
+    from ..cli import UserError, build_config
+    from ..registration import register_all
+    register_all()
+    try:
+        return build_config(args)
+    except UserError as exc:
+        raise SystemExit(f'error: {exc}')
+
+
+def load_generator(cfg, weights: str):
+    """The config's X generator with the weights of checkpoint ``weights`` (``''``: untrained)."""
+    from ..checkpoint import load_checkpoint
+    from ..models.xiv import XGenerator
+    if cfg.xiv.generator == 'none':
+        raise SystemExit('error: xiv.generator is "none": there is no X modality to draw')
+    g = XGenerator(cfg.xiv.generator, cfg.data.norm_mean, cfg.data.norm_std)
+    if weights:
+        ckpt = load_checkpoint(weights)
+        state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
+        own = {k.split('generator.', 1)[1]: v for k, v in state.items()
+               if k.replace('module.', '', 1).startswith('generator.')}
+        if not own:
+            raise SystemExit(f'error: "{weights}" holds no XIV generator weights '
+                             f'(no "generator.*" keys); is it an xiv_* model checkpoint?')
+        g.load_state_dict(own)
+    elif cfg.xiv.generator == 'learned':
+        print('Warning: no --load-weights: the learned generator is at its random initialisation')
+    return g.eval()
+
+
+def _train_records(cfg):
+    from .._torchreid import tr
+    from ..config import dataset_options
+    name = cfg.data.sources[0]
+    options = dataset_options(cfg).get(name, {})
+    dataset = tr.module('data.datasets').init_image_dataset(
+        name, root=cfg.data.root, mode='train', verbose=False, **options)
+    return dataset.train
+
+
+def _load(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
+    """RGB images in [0, 1], ``(N, 3, H, W)``."""
+    from PIL import Image
+    out = np.stack([np.asarray(Image.open(p).convert('RGB').resize((width, height),
+                                                                  Image.BILINEAR))
+                    for p in paths]).astype(np.float32) / 255.0
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+
+@torch.no_grad()
+def x_images(generator, rgb: torch.Tensor) -> torch.Tensor:
+    """X images of RGB images in [0, 1], back in RGB and clipped to [0, 1]: ``(N, 3, H, W)``."""
+    return generator.denormalize(generator(generator.normalize(rgb))).clamp(0, 1)
+
+
+def channel_means(generator, paths: Sequence[str], height: int, width: int,
+                  batch: int = 256) -> tuple:
+    """Per-image mean R, G, B of the visible images and of their X images: two ``(N, 3)``."""
+    vis, xs = [], []
+    for i in range(0, len(paths), batch):
+        rgb = _load(paths[i:i + batch], height, width)
+        vis.append(rgb.mean(dim=(2, 3)))
+        xs.append(x_images(generator, rgb).mean(dim=(2, 3)))
+    return torch.cat(vis).numpy(), torch.cat(xs).numpy()
+
+
+def plot_histograms(vis_means: np.ndarray, x_means: np.ndarray, path: str) -> None:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    bins = np.linspace(0, 1, 41)
+    for ax, means, title in ((axes[0], vis_means, 'visible'), (axes[1], x_means, 'X = g(visible)')):
+        for c, (name, colour) in enumerate(_CHANNELS):
+            ax.hist(means[:, c], bins=bins, color=colour, alpha=0.45,
+                    label=f'{name} (mean {means[:, c].mean():.3f})')
+        ax.set_title(f'{title}: per-image channel means, {len(means)} images')
+        ax.set_xlabel('average intensity')
+        ax.legend(fontsize=8, loc='upper right')
+    axes[0].set_ylabel('images')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_triplets(rows: List[tuple], path: str) -> None:
+    """``rows``: ``(pid, visible (3,H,W), X (3,H,W), infrared (3,H,W))`` tensors in [0, 1]."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(len(rows), 3, figsize=(4.2, 2.2 * len(rows)), squeeze=False)
+    for r, (pid, *images) in enumerate(rows):
+        for c, (img, title) in enumerate(zip(images, ('visible', 'X', 'infrared'))):
+            ax = axes[r, c]
+            ax.imshow(img.permute(1, 2, 0).numpy())
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(title)
+            if c == 0:
+                ax.set_ylabel(f'id {pid}')
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from ..cli import build_parser
+    p = build_parser()
+    p.description = __doc__.split('\n')[0]
+    p.add_argument('--load-weights', default='', help='XIV checkpoint (model.pth.tar-N)')
+    p.add_argument('--out', default='xiv_figures', help='output folder')
+    p.add_argument('--num-ids', type=int, default=6, help='identities in the triplet figure')
+    p.add_argument('--max-images', type=int, default=2000,
+                   help='visible training images used for the histograms (a seeded sample)')
+    p.add_argument('--seed', type=int, default=0)
+    args = p.parse_args(argv)
+    cfg = _config(args)
+    generator = load_generator(cfg, args.load_weights)
+    records = _train_records(cfg)
+    from ..data.base import INFRARED, VISIBLE
+    vis = [r for r in records if r[3] == VISIBLE]
+    ir = [r for r in records if r[3] == INFRARED]
+    if not vis or not ir:
+        raise SystemExit(f'error: the training split of {cfg.data.sources[0]} needs visible and '
+                         f'infrared images ({len(vis)} visible, {len(ir)} infrared)')
+    os.makedirs(args.out, exist_ok=True)
+    rng = np.random.default_rng(args.seed)
+    h, w = cfg.data.height, cfg.data.width
+
+    sample = [vis[i][0] for i in np.sort(rng.choice(len(vis), min(args.max_images, len(vis)),
+                                                    replace=False))]
+    vis_means, x_means = channel_means(generator, sample, h, w)
+    hist_path = osp.join(args.out, 'channel_histograms.png')
+    plot_histograms(vis_means, x_means, hist_path)
+    summary = {'generator': cfg.xiv.generator, 'weights': args.load_weights,
+               'num_images': len(sample),
+               'visible_mean_rgb': [float(v) for v in vis_means.mean(0)],
+               'x_mean_rgb': [float(v) for v in x_means.mean(0)]}
+    with open(osp.join(args.out, 'channel_means.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+
+    ir_pids = {r[1] for r in ir}
+    pids = sorted({r[1] for r in vis} & ir_pids)
+    chosen = [pids[i] for i in np.sort(rng.choice(len(pids), min(args.num_ids, len(pids)),
+                                                  replace=False))]
+    rows = []
+    for pid in chosen:
+        v_path = next(r[0] for r in vis if r[1] == pid)
+        i_path = next(r[0] for r in ir if r[1] == pid)
+        rgb = _load([v_path, i_path], h, w)
+        rows.append((pid, rgb[0], x_images(generator, rgb[:1])[0], rgb[1]))
+    trip_path = osp.join(args.out, 'triplets.png')
+    plot_triplets(rows, trip_path)
+    print(f'X figures ({cfg.xiv.generator} generator): {trip_path}, {hist_path}; mean RGB '
+          f'visible {np.round(summary["visible_mean_rgb"], 3).tolist()}, X '
+          f'{np.round(summary["x_mean_rgb"], 3).tolist()}')
+    return 0
+
+
+if __name__ == '__main__':  # pragma: no cover
+    sys.exit(main())
