@@ -43,7 +43,10 @@ from torchreid_vi.metrics import (evaluate_cross_modal, evaluate_settings, forma
                                   llcm_settings, read_sysu_perm, sysu_settings)
 
 # official split files (rand_perm_cam.mat, test_id.mat); override with TORCHREID_VI_SYSU_EXP
-SPLIT_DIR = os.environ.get('TORCHREID_VI_SYSU_EXP', '/work/shared/data/sysu_mm01_exp')
+# The official split files ship in shared/ beside the repository checkout (as CI lays it out).
+SPLIT_DIR = os.environ.get('TORCHREID_VI_SYSU_EXP', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    'shared', 'data', 'sysu_mm01_exp'))
 DEFAULT_PERM = os.path.join(SPLIT_DIR, 'rand_perm_cam.mat')
 DEFAULT_TEST_IDS = os.path.join(SPLIT_DIR, 'test_id.mat')
 # real per-camera totals of the 96 SYSU test ids (datasets_and_protocols.md §1.6): (images, ids)

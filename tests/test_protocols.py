@@ -1,7 +1,7 @@
 """Evaluation settings and the multi-trial report (spec §2, §1.6 counts, §7.2 items 5-7, 10, 11).
 
 The SYSU tests run the samplers on the REAL official permutation file (96 test ids, real cell
-sizes) from $TORCHREID_VI_SYSU_EXP (default /work/shared/data/sysu_mm01_exp); skipped without it.
+sizes) from $TORCHREID_VI_SYSU_EXP (default ../shared/data/sysu_mm01_exp beside the repository); skipped without it.
 """
 import json
 import os
@@ -17,7 +17,10 @@ from torchreid_vi.metrics import (EvalSetting, agw_seed_gallery, evaluate_cross_
                                   llcm_settings, read_sysu_perm, regdb_settings,
                                   sysu_gallery_official_perm, sysu_settings)
 
-SPLIT_DIR = os.environ.get('TORCHREID_VI_SYSU_EXP', '/work/shared/data/sysu_mm01_exp')
+# The official split files ship in shared/ beside the repository checkout (as CI lays it out).
+SPLIT_DIR = os.environ.get('TORCHREID_VI_SYSU_EXP', os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    'shared', 'data', 'sysu_mm01_exp'))
 PERM = os.path.join(SPLIT_DIR, 'rand_perm_cam.mat')
 TEST_IDS = os.path.join(SPLIT_DIR, 'test_id.mat')
 needs_real = pytest.mark.skipif(not os.path.isfile(PERM) or not os.path.isfile(TEST_IDS),
