@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from .protocols import EvalSetting
+from .protocols import EvalSetting, _fields
 from .rank import (DEFAULT_REPORT_RANKS, CrossModalResult, _as_distance_matrix,
                    _rows_contiguous, evaluate_cross_modal)
 
@@ -91,15 +91,10 @@ class SettingResult:
 
 
 def _record_fields(records: Sequence, what: str):
+    """(pids, camids) of a non-empty record list (the parsing lives in protocols)."""
     if len(records) == 0:
         raise ValueError(f'{what} is empty')
-    try:
-        pids = np.fromiter((r[1] for r in records), np.int64, len(records))
-        cams = np.fromiter((r[2] for r in records), np.int64, len(records))
-    except (TypeError, IndexError, ValueError) as exc:
-        raise ValueError(f'{what} must be torchreid records (img_path, pid, camid, dsetid); '
-                         f'first record: {records[0]!r}') from exc
-    return pids, cams
+    return _fields(records, what)
 
 
 def _check_indices(idx: np.ndarray, size: int, what: str) -> None:
