@@ -3,7 +3,8 @@
 Usage::
 
     python benchmarks/bench_train_step.py --method xiv            # default: small, a few minutes
-    python benchmarks/bench_train_step.py --method idkl --backbone-size full --height 256 --width 128
+    python benchmarks/bench_train_step.py --method idkl --backbone-size full \\
+        --height 256 --width 128
 
 What is measured
 ----------------

@@ -104,7 +104,8 @@ class XIVLoss(nn.Module):
         super().__init__()
         if margin_intra < 0 or margin_cross < 0 or lambda_cmg < 0:
             raise ValueError(f'xiv margins and lambda must be >= 0, got margin_intra='
-                             f'{margin_intra}, margin_cross={margin_cross}, lambda_cmg={lambda_cmg}')
+                             f'{margin_intra}, margin_cross={margin_cross}, '
+                             f'lambda_cmg={lambda_cmg}')
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f'xiv.label_smoothing must be in [0, 1), got {label_smoothing}')
         self.margin_intra = float(margin_intra)

@@ -4,7 +4,7 @@ X Modality", AAAI 2020): an X generator ``g`` in front of a "bag of tricks" feat
 Structure (spec ``xiv.md`` §2–3)::
 
     visible V ─ g (1×1 conv 3→1, ReLU, 1×1 conv 1→3) ─ X
-    [I, X, V] ─ backbone (shared, last stride 1) ─ pooled t (B, D) ─ BNNeck ─ b ─ classifier ─ logits
+    [I, X, V] ─ backbone (shared, last stride 1) ─ pooled t (B, D) ─ BNNeck ─ b ─ classifier
 
 * ``g`` has 10 parameters and no spatial mixing; fixed alternatives of the paper's Table 5
   (``mean``, ``gray``, ``hsv_v``, ``ycbcr_y``) replace it without changing the parameter set, so
@@ -31,7 +31,8 @@ Example::
     >>> import torch
     >>> from torchreid_vi.models.xiv import xiv_resnet18
     >>> net = xiv_resnet18(num_classes=4, pretrained=False).eval()
-    >>> tuple(net(torch.rand(2, 3, 64, 32)).shape), tuple(net(torch.rand(2, 3, 64, 32), x_view=True).shape)
+    >>> images = torch.rand(2, 3, 64, 32)
+    >>> tuple(net(images).shape), tuple(net(images, x_view=True).shape)
     ((2, 512), (2, 512))
     >>> sum(p.numel() for p in net.generator.parameters())
     10
@@ -40,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -267,8 +268,9 @@ def torchreid_backbone(model: nn.Module) -> Tuple[nn.Module, int]:
     return model, int(model.feature_dim)
 
 
-_DENSENET_OLD_KEY = re.compile(
-    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$')
+_DENSENET_OLD_KEY = re.compile(  # old torchvision names: 'denselayer1.norm.1.weight'
+    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
+    r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
 
 
 def load_matching_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str,

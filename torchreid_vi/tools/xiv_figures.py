@@ -18,7 +18,6 @@ weights are used; the generator kind comes from ``xiv.generator`` of the config.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import os.path as osp
