@@ -88,14 +88,13 @@ def _optimizer(model):
 
 def build_method(args):
     """``(engine, batch)``: the registered method engine and a modality-balanced 2PK batch."""
+    from torchreid_vi.cli import build_model
     from torchreid_vi.registration import register_all
-    from torchreid_vi.registry import ENGINES, MODELS
+    from torchreid_vi.registry import ENGINES
     register_all()
     cfg = _config(args)
-    model = MODELS.get(cfg.model.name)(num_classes=NUM_CLASSES, loss='triplet',
-                                       pretrained=False, use_gpu=cfg.use_gpu).to(args.device)
-    engine = ENGINES.get(args.method)(cfg, _datamanager(args), model, _optimizer(model), None,
-                                      cfg.use_gpu)
+    model = build_model(cfg, NUM_CLASSES).to(args.device)  # with the method's model options
+    engine = ENGINES.get(args.method)(cfg, _datamanager(args), model, _optimizer(model), None)
     p, k = args.p, args.k
     pids = torch.arange(p).repeat_interleave(k).repeat(2)          # [v(p1..pP), r(p1..pP)]
     modality = torch.cat([torch.zeros(p * k), torch.ones(p * k)]).long()
@@ -108,11 +107,9 @@ def build_method(args):
 def build_baseline(args):
     """``(engine, batch)``: torchreid's ImageTripletEngine on a last-stride-1 torchreid ResNet."""
     from torchreid_vi._torchreid import tr
-    resnet = tr.module('models.resnet')
-    block, layers = {'small': ('BasicBlock', [2, 2, 2, 2]),
-                     'full': ('Bottleneck', [3, 4, 6, 3])}[args.backbone_size]
-    model = resnet.ResNet(num_classes=NUM_CLASSES, loss='triplet', block=getattr(resnet, block),
-                          layers=layers, last_stride=1).to(args.device)
+    from torchreid_vi.modeling.backbones import torchreid_resnet
+    model = torchreid_resnet(BACKBONES[args.backbone_size], num_classes=NUM_CLASSES,
+                             loss='triplet', last_stride=1).to(args.device)
     engine = tr.engine.ImageTripletEngine(_datamanager(args), model, _optimizer(model),
                                           margin=0.3, weight_t=1, weight_x=1,
                                           use_gpu=args.device == 'cuda', label_smooth=False)

@@ -14,7 +14,7 @@ from torchreid_vi.data import register_all
 from torchreid_vi.data import datamanager as vi_dm
 from torchreid_vi.data.base import (INFRARED, VISIBLE, CrossModalDataset,
                                     MultiSourceCrossModalDataset, parse_cache_info)
-from torchreid_vi.data.datamanager import CrossModalImageDataManager, dataset_options
+from torchreid_vi.data.datamanager import CrossModalImageDataManager
 from torchreid_vi.data.regdb import RegDB
 from torchreid_vi.data.sampler import ModalityBalancedSampler
 from torchreid_vi.registry import list_samplers, register_dataset
@@ -51,8 +51,9 @@ def test_install_is_idempotent_and_lists_torchreid_samplers():
     vi_dm.install()
     register_all()
     assert mod.build_train_sampler is wrapped is vi_dm.build_train_sampler
-    assert mod.init_image_dataset is vi_dm.init_image_dataset
-    assert vi_dm._PREVIOUS['build_train_sampler'] is tr.module('data.sampler').build_train_sampler
+    # the sampler builder is the only torchreid function the plugin replaces
+    assert mod.init_image_dataset is tr.module('data.datasets').init_image_dataset
+    assert mod.build_transforms is tr.module('data.transforms').build_transforms
     names = set(list_samplers())
     assert set(vi_dm.TORCHREID_SAMPLERS) | {'ModalityBalancedSampler'} <= names
 
@@ -97,8 +98,7 @@ def test_dataset_options_reach_datasets_and_test_datasets_are_exposed(regdb_root
     assert dm.test_loader['regdb']['gallery'].dataset.protocol_options['trial'] == 2
     sampler = dm.train_loader.sampler
     assert (sampler.seed, sampler.epoch_mode, sampler.replace) == (5, 'cover', 'auto')
-    # Outside the build, nothing leaks: a plain build gets the defaults again.
-    assert vi_dm.current_options() == ({}, {})
+    # Options belong to that datamanager: a plain torchreid build gets the defaults.
     dm1 = tr.data.ImageDataManager(root=root, sources='regdb', batch_size_train=2 * P * K,
                                    num_instances=K, train_sampler='ModalityBalancedSampler',
                                    **COMMON)
@@ -123,8 +123,8 @@ def test_unknown_dataset_option_names_dataset_and_key(regdb_root):
         CrossModalImageDataManager(root=root, sources='regdb', dataset_options={
             'regdb': {'trail': 2}}, **COMMON)
     with pytest.raises(TypeError, match='tiny_plain_test.*not a cross-modal dataset'):
-        with dataset_options({'tiny_plain_test': {'x': 1}}):
-            pass
+        CrossModalImageDataManager(root=root, sources='regdb', dataset_options={
+            'tiny_plain_test': {'x': 1}}, **COMMON)
 
 
 def test_batch_size_must_be_2pk(sysu_root):

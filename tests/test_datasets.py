@@ -445,44 +445,42 @@ def test_combineall_adds_test_images_with_modality(regdb_root):
 
 
 # ------------------------------------------------------------------------------ evaluation
-def test_evaluation_settings_forward_options(sysu_root, regdb_root, llcm_root, monkeypatch):
+def test_protocols_receive_the_dataset_options(sysu_root, regdb_root, llcm_root, monkeypatch):
+    """settings_for(dataset) dispatches by the dataset's protocol and forwards its options."""
+    from torchreid_vi.evaluation import protocols
     calls = {}
 
     def recorder(name):
         def fn(query, gallery, **kwargs):
             calls[name] = (len(query), len(gallery), kwargs)
-            return [name]
+            return []
         return fn
 
-    import torchreid_vi.metrics as metrics_pkg  # the real package first, then a fake module
-    fake = types.ModuleType('torchreid_vi.metrics.protocols')
-    for name in ('sysu_settings', 'regdb_settings', 'llcm_settings', 'generic_settings'):
-        setattr(fake, name, recorder(name))
-    monkeypatch.setitem(sys.modules, 'torchreid_vi.metrics.protocols', fake)
-    monkeypatch.setattr(metrics_pkg, 'protocols', fake, raising=False)
+    monkeypatch.setattr(protocols.sysu_mm01, 'sysu_settings', recorder('sysu'))
+    monkeypatch.setattr(protocols.regdb, 'regdb_settings', recorder('regdb'))
+    monkeypatch.setattr(protocols.llcm, 'llcm_settings', recorder('llcm'))
 
     sysu = SYSUMM01(root=sysu_root[0], verbose=False, shots=[1], gallery_sampler='agw_seed')
-    assert sysu.evaluation_settings() == ['sysu_settings']
-    nq, ng, kw = calls['sysu_settings']
+    protocols.settings_for(sysu)
+    nq, ng, kw = calls['sysu']
     assert (nq, ng) == (len(sysu.query), len(sysu.gallery))
     assert kw == dict(dataset_name='sysu_mm01', search_modes=('all', 'indoor'), shots=(1,),
                       gallery_sampler='agw_seed', perm_file=None, root=sysu.dataset_root,
                       num_trials=10, semantics='vireid')
-    RegDB(root=regdb_root[0], trial=3, directions=['t2v'], verbose=False).evaluation_settings()
-    assert calls['regdb_settings'][2] == dict(dataset_name='regdb', trial=3, directions=('t2v',),
-                                              semantics='vireid')
-    LLCM(root=llcm_root[0], legacy_deen_vis2ir=True, verbose=False).evaluation_settings()
-    assert calls['llcm_settings'][2] == dict(dataset_name='llcm', directions=('ir2vis', 'vis2ir'),
-                                             num_trials=10, legacy_deen_vis2ir=True,
-                                             semantics='vireid')
+    protocols.settings_for(RegDB(root=regdb_root[0], trial=3, directions=['t2v'], verbose=False))
+    assert calls['regdb'][2] == dict(dataset_name='regdb', trial=3, directions=('t2v',),
+                                     semantics='vireid')
+    protocols.settings_for(LLCM(root=llcm_root[0], legacy_deen_vis2ir=True, verbose=False))
+    assert calls['llcm'][2] == dict(dataset_name='llcm', directions=('ir2vis', 'vis2ir'),
+                                    num_trials=10, legacy_deen_vis2ir=True, semantics='vireid')
 
 
 def test_evaluation_settings_with_the_real_protocols(sysu_root, regdb_root):
-    pytest.importorskip('torchreid_vi.metrics.protocols')
+    from torchreid_vi.evaluation.protocols import settings_for
     sysu = SYSUMM01(root=sysu_root[0], verbose=False, shots=[1], num_trials=2)
-    keys = [s.key for s in sysu.evaluation_settings()]
+    keys = [s.key for s in settings_for(sysu)]
     assert keys and all(k.startswith('sysu_mm01/') for k in keys)
-    settings = RegDB(root=regdb_root[0], trial=2, verbose=False).evaluation_settings()
+    settings = settings_for(RegDB(root=regdb_root[0], trial=2, verbose=False))
     assert {s.direction for s in settings} == {'ir2vis', 'vis2ir'}
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import torchreid_vi
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi import checkpoint as ckpt_mod
 from torchreid_vi import pretrained, registry
 from torchreid_vi._torchreid import tr
@@ -161,9 +162,9 @@ def test_offline_pretrained_weights_give_one_clear_message(tmp_path, monkeypatch
         raise urllib.error.URLError('[Errno -2] Name or service not known')
     monkeypatch.setattr(torch.hub, 'download_url_to_file', no_network)
     with pytest.raises(pretrained.PretrainedWeightsUnavailable) as info:
-        pretrained.load_imagenet_state_dict(pretrained.RESNET50_V1_URL, 'resnet50')
+        pretrained.load_imagenet_state_dict(IMAGENET_WEIGHTS["resnet50"].url, 'resnet50')
     msg = str(info.value)
-    assert pretrained.RESNET50_V1_URL in msg
+    assert IMAGENET_WEIGHTS["resnet50"].url in msg
     assert str(tmp_path / 'hub' / 'checkpoints' / 'resnet50-19c8e357.pth') in msg
     assert 'model.pretrained False' in msg and 'model.load_weights' in msg
     # torchreid's own models go through the same message.

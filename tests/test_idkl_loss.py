@@ -5,12 +5,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchreid_vi.losses.common import symmetric_kl
-from torchreid_vi.losses.idkl import (
+from torchreid_vi.modeling.losses import symmetric_kl
+from torchreid_vi.methods.idkl.loss import (
     IDKLLoss, canonical_views, csa_terms, discrepancy_reducing_loss, discrimination_enhancing_loss,
     entropy, off_diagonal, off_diagonal_distances, pseudo_modality_labels, set_level_kl,
     set_level_rows, tgsa_terms,
 )
+
+
+def idkl_loss(**overrides):
+    """The loss of the default config (``cfg.idkl``) with some arguments replaced."""
+    from torchreid_vi.config import get_default_config
+    return IDKLLoss.from_config(get_default_config(), **overrides)
+
 
 VIS, IR = 0, 1
 
@@ -141,7 +148,7 @@ def test_canonical_views_pair_same_identity_and_slot_for_any_layout():
 @pytest.mark.parametrize('pids, mods, m, match', [
     ([1, 1, 1, 1, 2, 2, 2, 2], [0, 0, 0, 1, 0, 1, 1, 1], 2, 'vis 3 ir 1'),   # unbalanced modalities
     ([1, 1, 2, 2, 3, 3, 4, 4], [0, 1, 0, 1, 0, 1, 0, 1], 2, '4 identities'),  # m = 1 really
-    ([1, 1, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1], 2, 'multiple of'),             # B not 2·P·m
+    ([1, 1, 1, 1, 2, 2], [0, 1, 0, 1, 0, 1], 2, '2·P·K'),             # B not 2·P·m
     ([1, 1, 1, 1], [0, 2, 0, 2], 1, 'unknown modality'),
 ])
 def test_canonical_views_reject_bad_batches_with_a_clear_message(pids, mods, m, match):
@@ -260,7 +267,7 @@ def test_csa_terms_against_direct_formula():
 def test_total_loss_is_the_weighted_sum_and_terms_are_nonnegative():
     pids, mods = official_layout([0, 1, 2, 3], 2)
     out = random_outputs(len(pids))
-    crit = IDKLLoss(num_instances=2)
+    crit = idkl_loss(num_instances=2)
     terms = crit(out, pids, mods)
     for name in ('tri_sh', 'tri_sp', 'ce', 'id_pl', 'unad', 'pse', 'F_p', 'IN_p', 'soft_dt',
                  'tgsa_dist', 'tgsa_mdr', 'bg_kl', 'sm_kl'):
@@ -274,10 +281,10 @@ def test_total_loss_is_the_weighted_sum_and_terms_are_nonnegative():
     pse = F.cross_entropy(out['q_logits'], torch.tensor([1, 0, 0, 1] * 4))
     assert float(terms['pse']) == pytest.approx(float(pse), rel=1e-6)
     # paper mode: true modality labels
-    grl = IDKLLoss(num_instances=2, confuser_mode='grl')(out, pids, mods)
+    grl = idkl_loss(num_instances=2, confuser_mode='grl')(out, pids, mods)
     assert float(grl['pse']) == pytest.approx(float(F.cross_entropy(out['q_logits'], mods)), rel=1e-6)
     # TGSA off (RegDB): no soft_dt in the total
-    off = IDKLLoss(num_instances=2, tgsa_enabled=False, csa_weight=0.3)(out, pids, mods)
+    off = idkl_loss(num_instances=2, tgsa_enabled=False, csa_weight=0.3)(out, pids, mods)
     assert float(off['soft_dt']) == 0.0
     assert float(off['loss']) < float(terms['loss'])
 
@@ -290,7 +297,7 @@ def test_total_loss_is_layout_invariant():
     perm = permutation_official_to_block(pid_list, m)
     pids_b, mods_b = block_layout(pid_list, m)
     assert torch.equal(pids[perm], pids_b) and torch.equal(mods[perm], mods_b)
-    crit = IDKLLoss(num_instances=m)
+    crit = idkl_loss(num_instances=m)
     a = crit(out, pids, mods)
     b = crit({k: v[perm] for k, v in out.items()}, pids_b, mods_b)
     for name in a:
@@ -302,25 +309,25 @@ def test_loss_path_has_no_data_dependent_host_sync():
     no .item(), no nonzero, no boolean indexing — nothing that needs tensor values on the host."""
     pids, mods = official_layout([0, 1, 2], 2)
     out = {k: v.to('meta').requires_grad_() for k, v in random_outputs(len(pids)).items()}
-    crit = IDKLLoss(num_instances=2, check_batch_layout=False)
+    crit = idkl_loss(num_instances=2, check_batch_layout=False)
     terms = crit(out, pids.to('meta'), mods.to('meta'))
     terms['loss'].backward()
     assert out['f_sh'].grad is not None and out['f_sh'].grad.shape == out['f_sh'].shape
     with pytest.raises(Exception):   # the check itself does synchronise (and can be switched off)
-        IDKLLoss(num_instances=2)(out, pids.to('meta'), mods.to('meta'))
+        idkl_loss(num_instances=2)(out, pids.to('meta'), mods.to('meta'))
 
 
 def test_invalid_options_name_the_config_key():
     with pytest.raises(ValueError, match='idkl.tgsa.cross_mode'):
-        IDKLLoss(num_instances=2, tgsa_cross_mode='bad')
+        idkl_loss(num_instances=2, tgsa_cross_mode='bad')
     with pytest.raises(ValueError, match='idkl.confuser.mode'):
-        IDKLLoss(num_instances=2, confuser_mode='bad')
+        idkl_loss(num_instances=2, confuser_mode='bad')
     with pytest.raises(ValueError, match='mdr_weights'):
-        IDKLLoss(num_instances=2, tgsa_mdr_weights=(1, 1))
+        idkl_loss(num_instances=2, tgsa_mdr_weights=(1, 1))
     pids, mods = official_layout([0, 1, 2], 1)   # N = 3 images per modality: pseudo labels unbalanced
     with pytest.raises(ValueError, match='even number'):
-        IDKLLoss(num_instances=1)(random_outputs(len(pids)), pids, mods)
+        idkl_loss(num_instances=1)(random_outputs(len(pids)), pids, mods)
     with pytest.raises(ValueError, match='mixed_set needs an even number'):
-        IDKLLoss(num_instances=1, confuser_mode='grl')(random_outputs(len(pids)), pids, mods)
-    IDKLLoss(num_instances=1, confuser_mode='grl', tgsa_cross_mode='cross_modal')(
+        idkl_loss(num_instances=1, confuser_mode='grl')(random_outputs(len(pids)), pids, mods)
+    idkl_loss(num_instances=1, confuser_mode='grl', tgsa_cross_mode='cross_modal')(
         random_outputs(len(pids)), pids, mods)

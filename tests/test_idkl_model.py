@@ -6,10 +6,18 @@ import torch.nn.functional as F
 from torchvision.models.resnet import ResNet, BasicBlock
 
 import torchreid_vi.pretrained as pretrained_module
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi._torchreid import tr
-from torchreid_vi.losses.idkl import IDKLLoss
-from torchreid_vi.models.idkl import IDKLNet, idkl_resnet18, idkl_resnet50, register_models
+from torchreid_vi.methods.idkl.loss import IDKLLoss
+from torchreid_vi.methods.idkl.model import IDKLNet, idkl_resnet18, idkl_resnet50, register_models
 from torchreid_vi.registry import MODELS
+
+
+def idkl_loss(**overrides):
+    """The loss of the default config (``cfg.idkl``) with some arguments replaced."""
+    from torchreid_vi.config import get_default_config
+    return IDKLLoss.from_config(get_default_config(), **overrides)
+
 
 H, W = 64, 32        # Θ out 8×4, deep out 4×2 (last stride 1)
 NUM_CLASSES = 4
@@ -76,7 +84,7 @@ def test_pretrained_weights_reach_shared_and_specific_copies(monkeypatch):
         return reference.state_dict()
     monkeypatch.setattr(pretrained_module, 'load_imagenet_state_dict', fake_loader)
     net = idkl_resnet18(NUM_CLASSES, pretrained=True)
-    assert calls == [pretrained_module.RESNET18_URL]
+    assert calls == [IMAGENET_WEIGHTS["resnet18"].url]
     assert torch.equal(net.shallow.conv1.weight, reference.conv1.weight)
     for deep in (net.shared_deep, net.specific_deep):
         assert torch.equal(deep.layer4[1].conv2.weight, reference.layer4[1].conv2.weight)
@@ -169,7 +177,7 @@ def test_every_trainable_parameter_gets_a_gradient_and_bnneck_biases_stay_zero()
     torch.manual_seed(1)
     net = idkl_resnet18(NUM_CLASSES, pretrained=False).train()
     x, pids, mods = official_batch()
-    crit = IDKLLoss(num_instances=2)
+    crit = idkl_loss(num_instances=2)
     optimizer = tr.optim.build_optimizer(net, optim='adam', lr=3.5e-4, weight_decay=5e-3,
                                          adam_beta1=0.9, adam_beta2=0.999)
     assert len(optimizer.param_groups) == 1
@@ -194,7 +202,7 @@ def test_total_loss_is_layout_invariant_through_the_network():
     vis = (mods == VIS).nonzero().flatten()
     ir = (mods == IR).nonzero().flatten()
     perm = torch.cat([vis, ir])     # keeps each identity's within-modality order
-    crit = IDKLLoss(num_instances=2)
+    crit = idkl_loss(num_instances=2)
     state = {k: v.clone() for k, v in net.state_dict().items()}
     a = crit(net(x), pids, mods)
     net.load_state_dict(state)      # same BN running stats for the second pass

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from torchreid_vi._torchreid import tr
-from torchreid_vi.metrics import (CrossModalResult, evaluate_cross_modal, protocol_rules)
-from torchreid_vi.metrics.rank import PROTOCOLS
+from torchreid_vi.evaluation import (CrossModalResult, evaluate_cross_modal, protocol_rules)
+from torchreid_vi.evaluation.rules import PRESETS as PROTOCOLS
 
 TOL = 1e-6
 

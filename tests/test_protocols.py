@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.io
 
-from torchreid_vi.metrics import (EvalSetting, agw_seed_gallery, evaluate_cross_modal,
+from torchreid_vi.evaluation import (EvalSetting, agw_seed_gallery, evaluate_cross_modal,
                                   evaluate_settings, format_table, generic_settings,
                                   llcm_settings, read_sysu_perm, regdb_settings,
                                   sysu_gallery_official_perm, sysu_settings)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from torchreid_vi._torchreid import tr
-from torchreid_vi.metrics import evaluate_cross_modal, k_reciprocal_distances, query_only_rerank
+from torchreid_vi.evaluation import evaluate_cross_modal, k_reciprocal_distances, query_only_rerank
 
 
 def clusters(seed, n_ids=8, nq=30, ng=40, dim=16, noise=0.8):

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from torchreid_vi._torchreid import tr
-from torchreid_vi.losses.xiv import XIVLoss, cross_modality_gap, modality_respective_terms
+from torchreid_vi.methods.xiv.loss import XIVLoss, cross_modality_gap, modality_respective_terms
+
+
+def xiv_loss(**overrides):
+    """The loss of the default config (``cfg.xiv``) with some arguments replaced."""
+    from torchreid_vi.config import get_default_config
+    return XIVLoss.from_config(get_default_config(), **overrides)
+
 
 # Batch [I, X, V], one image per identity per block, 1-D features (distances are |a - b|).
 #   I: y=(0, 1) f=(0.0, 0.2)   X: f=(1.0, 2.5)   V: f=(0.5, 3.0)
@@ -17,7 +24,7 @@ LOGITS = torch.zeros(6, 2)  # CE = ln 2 per sample
 
 
 def test_hand_built_batch_gives_the_hand_computed_terms():
-    terms = XIVLoss(margin_intra=0.3, margin_cross=0.5, lambda_cmg=0.1)(
+    terms = xiv_loss(margin_intra=0.3, margin_cross=0.5, lambda_cmg=0.1)(
         LOGITS, FEATS, LABELS, BLOCKS)
     ln2 = math.log(2.0)
     # MRG: each anchor is its own positive (d ~ 1e-6); I: negative at 0.2 -> 0.3 - 0.2 = 0.1 for
@@ -41,7 +48,7 @@ def test_cross_terms_mine_only_across_the_named_pair():
     feats = torch.randn(24, 8, requires_grad=True)
     labels = torch.arange(4).repeat_interleave(2).repeat(3)  # blocks of 8: ids 0,0,1,1,2,2,3,3
     blocks = {'I': slice(0, 8), 'X': slice(8, 16), 'V': slice(16, 24)}
-    terms = XIVLoss(margin_cross=5.0)(torch.zeros(24, 4), feats, labels, blocks)
+    terms = xiv_loss(margin_cross=5.0)(torch.zeros(24, 4), feats, labels, blocks)
 
     grad_x, = torch.autograd.grad(terms['cmg_ir_x'], feats, retain_graph=True)
     assert grad_x[16:].abs().sum() == 0 and grad_x[:16].abs().sum() > 0  # V never enters I<->X
@@ -86,7 +93,7 @@ def test_two_modality_baseline_equals_torchreid_strong_baseline_losses():
     feats, logits = torch.randn(24, 16), torch.randn(24, num_classes)
     labels = torch.arange(num_classes).repeat_interleave(2).repeat(2)
     blocks = {'V': slice(0, 12), 'I': slice(12, 24)}
-    terms = XIVLoss(use_cmg=False)(logits, feats, labels, blocks)
+    terms = xiv_loss(use_cmg=False)(logits, feats, labels, blocks)
 
     ce = tr.losses.CrossEntropyLoss(num_classes, use_gpu=False, label_smooth=False)
     tri = tr.losses.TripletLoss(margin=0.3)
@@ -105,16 +112,16 @@ def test_label_smoothing_matches_torchreid_and_lambda_scales_only_cmg():
     ce = tr.losses.CrossEntropyLoss(4, eps=0.1, use_gpu=False, label_smooth=True)
     assert float(ls_id) == pytest.approx(float(ce(logits, labels)), rel=1e-5)
 
-    base = XIVLoss(lambda_cmg=0.1)(LOGITS, FEATS, LABELS, BLOCKS)
-    big = XIVLoss(lambda_cmg=1.0)(LOGITS, FEATS, LABELS, BLOCKS)
+    base = xiv_loss(lambda_cmg=0.1)(LOGITS, FEATS, LABELS, BLOCKS)
+    big = xiv_loss(lambda_cmg=1.0)(LOGITS, FEATS, LABELS, BLOCKS)
     assert float(big['loss'] - base['loss']) == pytest.approx(0.9 * float(base['loss_c']),
                                                                abs=1e-5)
 
 
 def test_bad_arguments_name_the_key():
     with pytest.raises(ValueError, match='label_smoothing'):
-        XIVLoss(label_smoothing=1.5)
+        xiv_loss(label_smoothing=1.5)
     with pytest.raises(ValueError, match='margin'):
-        XIVLoss(margin_cross=-1)
+        xiv_loss(margin_cross=-1)
     with pytest.raises(ValueError, match='blocks'):
-        XIVLoss()(LOGITS, FEATS, LABELS, {'I': slice(0, 2), 'Y': slice(2, 4)})
+        xiv_loss()(LOGITS, FEATS, LABELS, {'I': slice(0, 2), 'Y': slice(2, 4)})

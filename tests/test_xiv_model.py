@@ -5,9 +5,10 @@ import torch
 from PIL import Image
 from torch import nn
 
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi._torchreid import tr
-from torchreid_vi.models import xiv
-from torchreid_vi.models.xiv import XGenerator, XIVNet
+from torchreid_vi.methods.xiv import model as xiv
+from torchreid_vi.methods.xiv.model import XGenerator, XIVNet
 from torchreid_vi.registry import list_models
 
 
@@ -178,7 +179,7 @@ def test_imagenet_weights_load_by_name_and_shape(monkeypatch):
 
     monkeypatch.setattr(pretrained, 'load_imagenet_state_dict', fake_load)
     model = xiv.xiv_resnet18(num_classes=3, pretrained=True)
-    assert requested == [pretrained.RESNET18_URL]
+    assert requested == [IMAGENET_WEIGHTS["resnet18"].url]
     assert torch.equal(model.backbone.layer4[1].conv2.weight, source['layer4.1.conv2.weight'])
 
     monkeypatch.setattr(pretrained, 'load_imagenet_state_dict', lambda url, what: {'fc.w': 1})

@@ -22,12 +22,14 @@ from __future__ import annotations
 import os
 import pickle
 import random
-import tempfile
-from collections import OrderedDict
 from typing import Optional
 
 import numpy as np
 import torch
+
+from .utils.distributed import unwrap_model
+from .utils.fileio import atomic_write
+from .utils.state_dict import load_matching
 
 __all__ = ['save_checkpoint', 'load_checkpoint', 'rng_state', 'set_rng_state',
            'training_state', 'resume_from_checkpoint', 'load_model_weights', 'CheckpointError']
@@ -56,20 +58,7 @@ def _numpy_safe_globals():
 
 def save_checkpoint(state: dict, path: str) -> str:
     """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path), suffix='.part')
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(state, f))
 
 
 def load_checkpoint(path: str, map_location='cpu') -> dict:
@@ -120,15 +109,11 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-def _unwrap(model):
-    return model.module if isinstance(model, torch.nn.DataParallel) else model
-
-
 def training_state(model, optimizer=None, scheduler=None, epoch: int = 0,
                    rank1: Optional[float] = None, extra: Optional[dict] = None) -> dict:
     """Everything needed to resume: ``epoch`` is the number of finished epochs."""
     state = {
-        'state_dict': _unwrap(model).state_dict(),
+        'state_dict': unwrap_model(model).state_dict(),
         'epoch': int(epoch),
         'rank1': None if rank1 is None else float(rank1),
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
@@ -149,7 +134,7 @@ def resume_from_checkpoint(path: str, model, optimizer=None, scheduler=None) -> 
         if key not in ckpt:
             raise CheckpointError(f'"{path}" is not a training checkpoint: no "{key}" entry '
                                   f'(keys: {sorted(ckpt)})')
-    _unwrap(model).load_state_dict(ckpt['state_dict'])
+    unwrap_model(model).load_state_dict(ckpt['state_dict'])
     if optimizer is not None and ckpt.get('optimizer') is not None:
         optimizer.load_state_dict(ckpt['optimizer'])
     if scheduler is not None and ckpt.get('scheduler') is not None:
@@ -163,26 +148,20 @@ def resume_from_checkpoint(path: str, model, optimizer=None, scheduler=None) -> 
 def load_model_weights(model, path: str) -> tuple:
     """Load matching weights (a checkpoint's ``state_dict`` or a bare state dict) into ``model``.
 
-    Keys with a ``module.`` prefix (DataParallel) are accepted; entries whose name or shape does
-    not match are skipped and reported (like torchreid's ``load_pretrained_weights``).
+    Keys with a ``module.`` prefix (DataParallel/DDP) are accepted; entries whose name or shape
+    does not match are skipped and reported (like torchreid's ``load_pretrained_weights``).
 
     Returns: ``(loaded_keys, skipped_keys)``. Raises :class:`CheckpointError` if nothing matches.
     """
     ckpt = load_checkpoint(path)
     state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
-    own = _unwrap(model).state_dict()
-    matched, skipped = OrderedDict(), []
-    for k, v in state.items():
-        k = k[7:] if k.startswith('module.') else k
-        if k in own and torch.is_tensor(v) and own[k].shape == v.shape:
-            matched[k] = v
-        else:
-            skipped.append(k)
-    if not matched:
+    if not isinstance(state, dict):
+        raise CheckpointError(f'"{path}" holds a {type(state).__name__}, not a state dict')
+    report = load_matching(unwrap_model(model), state)
+    if not report.loaded:
         raise CheckpointError(f'no weight in "{path}" matches the model (first keys: '
                               f'{list(state)[:5]})')
-    own.update(matched)
-    _unwrap(model).load_state_dict(own)
-    print(f'Loaded weights from "{path}" ({len(matched)} tensors'
+    skipped = [k for k, _ in report.skipped]
+    print(f'Loaded weights from "{path}" ({len(report.loaded)} tensors'
           + (f'; skipped {len(skipped)}: {skipped[:8]}' if skipped else '') + ')')
-    return list(matched), skipped
+    return report.loaded, skipped

@@ -2,15 +2,17 @@
 
 Usage (``torchreid-vi`` and ``python -m torchreid_vi`` are the same)::
 
-    python -m torchreid_vi --config-file configs/xiv/sysu_mm01.yaml --root /data \\
+    python -m torchreid_vi --config-file xiv/sysu_mm01 --root /data \\
         data.save_dir log/xiv_sysu train.max_epoch 120
     python -m torchreid_vi --list
     python -m torchreid_vi --plugin projects/custom_dataset/my_dataset.py --config-file ...
 
-Flow: plugins → config (defaults, ``--config-file``, ``-s/-t/--transforms/--root``, trailing
-``key value`` options) → seed → log file ``<save_dir>/{train,test}.log-<time>`` → datamanager →
-model (registry) → optional weights → optimizer / scheduler → optional resume → engine (registry:
-``engine.name``, else ``loss.name``) → ``engine.run``. Every run writes
+``--config-file`` takes a yaml path or a packaged config name (``xiv/sysu_mm01``, see
+``--list``). Flow: plugins (``--plugin``, then the config's ``vi.plugins``) → config (defaults,
+``--config-file``, ``-s/-t/--transforms/--root``, trailing ``key value`` options) → seed → log
+file ``<save_dir>/{train,test}.log-<time>`` → datamanager → model (registry, with the method's
+model options) → optional weights → optimizer / scheduler → engine (registry: ``engine.name``,
+else ``loss.name``) → optional resume → ``engine.run``. Every run writes
 ``<save_dir>/results.json`` (config, environment, every evaluation).
 """
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import List, Optional
 
 import torch
 
-__all__ = ['main', 'build_parser', 'build_config', 'load_plugins']
+__all__ = ['main', 'build_parser', 'build_config', 'load_plugins', 'UserError']
 
 
 class _Tee:
@@ -60,16 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='torchreid-vi', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description='torchreid with visible-infrared cross-modal datasets, samplers and methods.')
-    p.add_argument('--config-file', type=str, default='', help='path to a yaml config file')
+    p.add_argument('--config-file', type=str, default='',
+                   help='yaml config: a path or a packaged name such as xiv/sysu_mm01')
     p.add_argument('-s', '--sources', type=str, nargs='+', help='source datasets')
     p.add_argument('-t', '--targets', type=str, nargs='+', help='target datasets')
     p.add_argument('--transforms', type=str, nargs='+', help='data augmentation')
     p.add_argument('--root', type=str, default='', help='path to data root')
     p.add_argument('--plugin', action='append', default=[],
                    help='python file or module to import first (it may register datasets, '
-                        'models, samplers, engines); repeatable')
+                        'models, samplers, engines, config nodes); repeatable')
     p.add_argument('--list', action='store_true',
-                   help='print the registered datasets, models, samplers and engines and exit')
+                   help='print the registered datasets, models, samplers, engines and the '
+                        'packaged configs, and exit')
     p.add_argument('opts', default=None, nargs=argparse.REMAINDER,
                    help='config options as "key value" pairs, e.g. train.max_epoch 10')
     return p
@@ -89,28 +93,68 @@ def load_plugins(names: List[str]) -> None:
             sys.modules[mod_name] = module
             spec.loader.exec_module(module)
         else:
-            importlib.import_module(name)
+            try:
+                importlib.import_module(name)
+            except ModuleNotFoundError as exc:
+                raise UserError(f'plugin module "{name}" cannot be imported: {exc}') from exc
+
+
+def _config_plugins(args) -> List[str]:
+    """``vi.plugins`` of the config file and the ``key value`` options, read before the config
+    is built so that the plugins can add config nodes."""
+    from .config import load_yaml_with_base, resolve_config_file
+    plugins: List[str] = []
+    if args.config_file:
+        data = load_yaml_with_base(resolve_config_file(args.config_file))
+        plugins = list((data.get('vi') or {}).get('plugins') or [])
+    opts = list(args.opts or [])
+    for key, value in zip(opts[0::2], opts[1::2]):
+        if key == 'vi.plugins':
+            import yaml
+            plugins = list(yaml.safe_load(value) or [])
+    return plugins
+
+
+def _is_config_key(cfg, token: str) -> bool:
+    node = cfg
+    for part in token.split('.'):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return '.' in token
+
+
+def _split_dataset_lists(args, cfg) -> None:
+    """``-s a b model.name x`` → sources ``[a, b]``, options ``model.name x``: argparse's ``+``
+    takes every word after ``-s``/``-t``; the first one naming a config key starts the options."""
+    for attr in ('sources', 'targets', 'transforms'):
+        values = getattr(args, attr)
+        if not values:
+            continue
+        for i, token in enumerate(values):
+            if _is_config_key(cfg, token):
+                setattr(args, attr, values[:i])
+                args.opts = values[i:] + list(args.opts or [])
+                break
 
 
 def build_config(args):
-    from .config import get_default_config
+    from .config import ConfigError, get_default_config
     cfg = get_default_config()
+    _split_dataset_lists(args, cfg)
     cfg.use_gpu = torch.cuda.is_available()
-    if args.config_file:
-        if not osp.isfile(args.config_file):
-            raise UserError(f'config file "{args.config_file}" does not exist')
-        try:
+    try:
+        if args.config_file:
             cfg.merge_from_file(args.config_file)
-        except (KeyError, ValueError) as exc:
-            raise UserError(f'in config file "{args.config_file}": {exc}') from exc
+    except ConfigError as exc:
+        raise UserError(str(exc)) from exc
+    except (KeyError, ValueError, AssertionError) as exc:
+        raise UserError(f'in config file "{args.config_file}": {exc}') from exc
     if args.root:
         cfg.data.root = args.root
-    if args.sources:
-        cfg.data.sources = args.sources
-    if args.targets:
-        cfg.data.targets = args.targets
-    if args.transforms:
-        cfg.data.transforms = args.transforms
+    for attr in ('sources', 'targets', 'transforms'):
+        if getattr(args, attr):
+            cfg.data[attr] = getattr(args, attr)
     if args.opts:
         if len(args.opts) % 2:
             raise UserError(f'options must be "key value" pairs, got an odd list: {args.opts}')
@@ -126,46 +170,39 @@ def build_config(args):
 
 
 def print_registries(out=sys.stdout) -> None:
+    from .config import packaged_configs
     from .registry import list_datasets, list_engines, list_models, list_samplers
     for title, names in (('datasets', list_datasets()), ('models', list_models()),
-                         ('samplers', list_samplers()), ('engines', list_engines())):
+                         ('samplers', list_samplers()), ('engines', list_engines()),
+                         ('packaged configs (--config-file NAME)', packaged_configs())):
         print(f'{title} ({len(names)}):', file=out)
         for n in names:
             print(f'  {n}', file=out)
 
 
-def build_datamanager(cfg):
-    from .config import dataset_options, imagedata_kwargs, sampler_options
-    from .data.datamanager import CrossModalImageDataManager
-    if cfg.data.type != 'image':
-        raise UserError(f'data.type "{cfg.data.type}" is not supported: torchreid_vi works on '
-                        f'image datasets')
-    return CrossModalImageDataManager(**imagedata_kwargs(cfg, cfg.use_gpu),
-                                      dataset_options=dataset_options(cfg),
-                                      sampler_options=sampler_options(cfg))
-
-
 def build_model(cfg, num_classes: int):
+    """The registered model ``model.name`` with its method's options from the config."""
     from .pretrained import explain_offline_downloads
-    from .registry import MODELS
+    from .registry import MODEL_OPTIONS, MODELS
     factory = MODELS.get(cfg.model.name)
+    options = MODEL_OPTIONS[cfg.model.name](cfg) if cfg.model.name in MODEL_OPTIONS else {}
     with explain_offline_downloads(cfg.model.name):
         return factory(num_classes=num_classes, loss=cfg.loss.name,
-                       pretrained=cfg.model.pretrained, use_gpu=cfg.use_gpu)
+                       pretrained=cfg.model.pretrained, use_gpu=cfg.use_gpu, **options)
 
 
 def build_engine(cfg, datamanager, model, optimizer, scheduler):
     from .registry import ENGINES
     name = cfg.engine.name or cfg.loss.name
-    return ENGINES.get(name)(cfg, datamanager, model, optimizer, scheduler, cfg.use_gpu)
+    return ENGINES.get(name)(cfg, datamanager, model, optimizer, scheduler)
 
 
 def run(cfg) -> object:
     """Build everything from a frozen config and run it; returns the engine."""
     from ._torchreid import tr
-    from .checkpoint import load_model_weights, resume_from_checkpoint
-    from .config import lr_scheduler_kwargs, optimizer_kwargs
-    from .optim import build_lr_scheduler
+    from .checkpoint import load_model_weights
+    from .data.datamanager import CrossModalImageDataManager
+    from .optim import optimizer_from_config, scheduler_from_config
     from .results import ResultsFile, environment_info
 
     tr.utils.set_random_seed(cfg.train.seed)
@@ -177,7 +214,7 @@ def run(cfg) -> object:
     env = environment_info('cuda' if cfg.use_gpu else 'cpu')
     print('Environment: ' + ', '.join(f'{k}={v}' for k, v in env.items()))
 
-    datamanager = build_datamanager(cfg)
+    datamanager = CrossModalImageDataManager.from_config(cfg)
     print(f'Building model: {cfg.model.name}')
     model = build_model(cfg, datamanager.num_train_pids)
     n_all = sum(p.numel() for p in model.parameters())
@@ -187,15 +224,15 @@ def run(cfg) -> object:
         load_model_weights(model, cfg.model.load_weights)
     if cfg.use_gpu:
         model = model.cuda()
-    optimizer = tr.optim.build_optimizer(model, **optimizer_kwargs(cfg))
-    scheduler = build_lr_scheduler(optimizer, **lr_scheduler_kwargs(cfg))
+    optimizer = optimizer_from_config(cfg, model)
+    scheduler = scheduler_from_config(cfg, optimizer)
+    engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
     start_epoch = cfg.train.start_epoch
     if cfg.model.resume:
-        start_epoch = resume_from_checkpoint(cfg.model.resume, model, optimizer, scheduler)['epoch']
+        start_epoch = engine.resume(cfg.model.resume)
     if cfg.test.evaluate and not (cfg.model.load_weights or cfg.model.resume):
         print('Warning: evaluating without model.load_weights or model.resume: the weights '
               'are ' + ('ImageNet-pretrained' if cfg.model.pretrained else 'random') + '.')
-    engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
     engine.results = ResultsFile(osp.join(cfg.data.save_dir, 'results.json'), cfg, env)
     engine.run(save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
                start_epoch=start_epoch, print_freq=cfg.train.print_freq,
@@ -208,6 +245,7 @@ def run(cfg) -> object:
 def main(argv: Optional[List[str]] = None) -> int:
     from . import registration
     from .checkpoint import CheckpointError
+    from .config import ConfigError
     from .data.base import DatasetLayoutError
     from .pretrained import PretrainedWeightsUnavailable
 
@@ -218,9 +256,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.list:
             print_registries()
             return 0
+        load_plugins(_config_plugins(args))
         cfg = build_config(args)
-        load_plugins(list(cfg.vi.plugins))
-    except (UserError, KeyError, ImportError) as exc:
+    except (UserError, ConfigError, KeyError, ImportError) as exc:
         print(f'error: {exc}', file=sys.stderr)
         return 2
 

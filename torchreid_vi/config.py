@@ -1,13 +1,23 @@
 """The yacs configuration: torchreid's ``scripts/default_config.py`` plus the plugin's nodes.
 
 PyPI torchreid ships no ``scripts/``, so torchreid's default config is restated here with the same
-keys and defaults (torchreid 1.4.0), then extended with:
+keys and defaults (torchreid 1.4.0, minus the video keys nothing reads), then extended with:
 
 * ``engine.name``: an engine from the engine registry (empty: torchreid's rule, ``loss.name``);
-* ``vi``: the plugin's data, sampler, evaluation and training options;
-* one node per registered engine that declares one (``xiv``, ``idkl``...).
+* ``vi``: the plugin's sampler, evaluation, training and distributed options;
+* ``vi.<dataset>``: one node per registered cross-modal dataset, **generated** from the dataset
+  class's ``default_options`` (so a dataset added by a plugin gets its node too);
+* one node per registered method (``xiv``, ``idkl``...), added by the method's ``add_config``.
+
+Every option's default lives here (or in its method's ``add_config``) and nowhere else; classes
+receive the values as explicit arguments through their ``from_config(cfg)``.
 
 yacs rejects unknown keys, which is what catches typos in yaml files and ``key value`` options.
+Config files may inherit: a top-level ``_BASE_: other.yaml`` (a path relative to the file, or a
+packaged config name) is loaded first and the file's own keys override it (detectron2's rule).
+Packaged configs are named by their path below ``configs/`` without ``.yaml``
+(``xiv/sysu_mm01``); :func:`resolve_config_file` finds them in a checkout and in an installed
+wheel alike.
 
 Example::
 
@@ -16,26 +26,159 @@ Example::
     >>> cfg.merge_from_list(['vi.regdb.trial', '3'])
     >>> cfg.vi.regdb.trial
     3
+    >>> cfg.merge_from_file('xiv/ablation/baseline')          # a packaged config, by name
+    >>> cfg.xiv.use_x, cfg.model.name
+    (False, 'xiv_resnet50')
 """
 from __future__ import annotations
 
-from yacs.config import CfgNode as CN
+import copy
+import os
+import os.path as osp
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
 
-from .registry import ENGINE_CONFIGS
+import yaml
+from yacs.config import CfgNode
 
-__all__ = ['get_default_config', 'imagedata_kwargs', 'optimizer_kwargs', 'lr_scheduler_kwargs',
-           'dataset_options', 'sampler_options']
+from .modeling.backbones import IMAGENET_MEAN, IMAGENET_STD
+from .registry import DATASETS, ENGINE_CONFIGS
+
+__all__ = ['Config', 'ConfigError', 'get_default_config', 'resolve_config_file',
+           'load_yaml_with_base', 'packaged_configs', 'dataset_options', 'BASE_KEY']
+
+BASE_KEY = '_BASE_'
+_YAML_SUFFIX = '.yaml'
 
 
-def _torchreid_defaults() -> CN:
-    cfg = CN()
-    cfg.model = CN()
+class ConfigError(ValueError):
+    """A config file or option is missing, unreadable or not what was expected."""
+
+
+class Config(CfgNode):
+    """yacs ``CfgNode`` whose ``merge_from_file`` understands ``_BASE_`` and packaged names."""
+
+    def merge_from_file(self, cfg_filename: str) -> None:
+        path = resolve_config_file(cfg_filename)
+        self.merge_from_other_cfg(type(self)(load_yaml_with_base(path)))
+
+
+# ------------------------------------------------------------------------------------------------
+# config files
+
+def packaged_config_dir() -> Path:
+    """The folder holding the packaged configs: ``torchreid_vi/configs`` inside an installed
+    wheel, the repository's ``configs/`` in a source checkout (editable install)."""
+    inside = Path(str(resources.files('torchreid_vi'))) / 'configs'
+    if inside.is_dir():
+        return inside
+    return Path(__file__).resolve().parent.parent / 'configs'
+
+
+def packaged_configs() -> List[str]:
+    """Names of the packaged configs (``'xiv/sysu_mm01'``, ...), sorted."""
+    root = packaged_config_dir()
+    return sorted(p.relative_to(root).with_suffix('').as_posix()
+                  for p in root.rglob('*' + _YAML_SUFFIX))
+
+
+def resolve_config_file(name: str, relative_to: Optional[str] = None) -> str:
+    """The yaml file meant by ``name``.
+
+    Looked up, in order: ``name`` as a path; relative to the folder of ``relative_to`` (a
+    ``_BASE_`` reference); a packaged config (``'xiv/sysu_mm01'``, ``'configs/xiv/sysu_mm01.yaml'``
+    and ``'xiv/sysu_mm01.yaml'`` all work).
+
+    Raises:
+        ConfigError: nothing found; the message lists where it looked and the packaged names.
+    """
+    name = os.fspath(name)
+    looked = [name]
+    if osp.isfile(name):
+        return name
+    if relative_to is not None:
+        nearby = osp.join(osp.dirname(osp.abspath(relative_to)), name)
+        looked.append(nearby)
+        if osp.isfile(nearby):
+            return nearby
+    short = name[:-len(_YAML_SUFFIX)] if name.endswith(_YAML_SUFFIX) else name
+    if short.startswith('configs/'):
+        short = short[len('configs/'):]
+    packaged = packaged_config_dir() / (short + _YAML_SUFFIX)
+    looked.append(str(packaged))
+    if packaged.is_file():
+        return str(packaged)
+    available = ', '.join(packaged_configs()) or 'none'
+    raise ConfigError(f'config file "{name}" does not exist (looked at: {"; ".join(looked)}); '
+                      f'packaged configs: {available}')
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding='utf-8') as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f'config file "{path}" is not valid YAML: {exc}') from None
+    except OSError as exc:
+        raise ConfigError(f'cannot read config file "{path}": {exc}') from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'config file "{path}": the top level must be a mapping of config '
+                          f'keys (e.g. "model: {{name: xiv_resnet50}}"), got a '
+                          f'{type(data).__name__}')
+    return data
+
+
+def _merge_dicts(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_dicts(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_yaml_with_base(path: str, _chain: tuple = ()) -> dict:
+    """The mapping of a yaml file with its ``_BASE_`` files merged underneath (recursively).
+
+    ``_BASE_`` is a string or a list of strings (merged in order, the file's own keys last);
+    nested mappings merge key by key, anything else (lists included) is replaced.
+
+    Raises:
+        ConfigError: unreadable/invalid YAML, a non-mapping top level, a missing base or a cycle.
+    """
+    path = osp.abspath(path)
+    if path in _chain:
+        cycle = ' -> '.join(list(_chain) + [path])
+        raise ConfigError(f'config files inherit from each other in a cycle: {cycle}')
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f'config file "{path}": {BASE_KEY} must be a file name or a list of '
+                          f'them, got {bases!r}')
+    merged: dict = {}
+    for base in bases:
+        merged = _merge_dicts(merged, load_yaml_with_base(
+            resolve_config_file(base, relative_to=path), _chain + (path,)))
+    return _merge_dicts(merged, data)
+
+
+# ------------------------------------------------------------------------------------------------
+# defaults
+
+def _torchreid_defaults() -> Config:
+    cfg = Config()
+    cfg.model = Config()
     cfg.model.name = 'resnet50'
     cfg.model.pretrained = True  # ImageNet weights; offline runs need False or a cached file
     cfg.model.load_weights = ''  # path to model weights
     cfg.model.resume = ''  # path to a checkpoint to resume training from
 
-    cfg.data = CN()
+    cfg.data = Config()
     cfg.data.type = 'image'
     cfg.data.root = 'reid-data'
     cfg.data.sources = ['market1501']
@@ -47,31 +190,26 @@ def _torchreid_defaults() -> CN:
     cfg.data.combineall = False
     cfg.data.transforms = ['random_flip']
     cfg.data.k_tfm = 1
-    cfg.data.norm_mean = [0.485, 0.456, 0.406]
-    cfg.data.norm_std = [0.229, 0.224, 0.225]
+    cfg.data.norm_mean = list(IMAGENET_MEAN)
+    cfg.data.norm_std = list(IMAGENET_STD)
     cfg.data.save_dir = 'log'
     cfg.data.load_train_targets = False
 
-    cfg.market1501 = CN()
+    cfg.market1501 = Config()
     cfg.market1501.use_500k_distractors = False
-    cfg.cuhk03 = CN()
+    cfg.cuhk03 = Config()
     cfg.cuhk03.labeled_images = False
     cfg.cuhk03.classic_split = False
     cfg.cuhk03.use_metric_cuhk03 = False
 
-    cfg.sampler = CN()
+    cfg.sampler = Config()
     cfg.sampler.train_sampler = 'RandomSampler'
     cfg.sampler.train_sampler_t = 'RandomSampler'
     cfg.sampler.num_instances = 4  # ModalityBalancedSampler: K images per identity PER MODALITY
     cfg.sampler.num_cams = 1
     cfg.sampler.num_datasets = 1
 
-    cfg.video = CN()
-    cfg.video.seq_len = 15
-    cfg.video.sample_method = 'evenly'
-    cfg.video.pooling_method = 'avg'
-
-    cfg.train = CN()
+    cfg.train = Config()
     cfg.train.optim = 'adam'
     cfg.train.lr = 0.0003
     cfg.train.weight_decay = 5e-4
@@ -89,26 +227,26 @@ def _torchreid_defaults() -> CN:
     cfg.train.print_freq = 20
     cfg.train.seed = 1
 
-    cfg.sgd = CN()
+    cfg.sgd = Config()
     cfg.sgd.momentum = 0.9
     cfg.sgd.dampening = 0.
     cfg.sgd.nesterov = False
-    cfg.rmsprop = CN()
+    cfg.rmsprop = Config()
     cfg.rmsprop.alpha = 0.99
-    cfg.adam = CN()
+    cfg.adam = Config()
     cfg.adam.beta1 = 0.9
     cfg.adam.beta2 = 0.999
 
-    cfg.loss = CN()
+    cfg.loss = Config()
     cfg.loss.name = 'softmax'
-    cfg.loss.softmax = CN()
+    cfg.loss.softmax = Config()
     cfg.loss.softmax.label_smooth = True
-    cfg.loss.triplet = CN()
+    cfg.loss.triplet = Config()
     cfg.loss.triplet.margin = 0.3
     cfg.loss.triplet.weight_t = 1.
     cfg.loss.triplet.weight_x = 0.
 
-    cfg.test = CN()
+    cfg.test = Config()
     cfg.test.batch_size = 100
     cfg.test.dist_metric = 'euclidean'  # 'euclidean' | 'cosine'
     cfg.test.normalize_feature = False
@@ -116,43 +254,24 @@ def _torchreid_defaults() -> CN:
     cfg.test.evaluate = False  # evaluation only (from model.load_weights or model.resume)
     cfg.test.eval_freq = -1  # -1: evaluate only after training
     cfg.test.start_eval = 0
-    cfg.test.rerank = False  # torchreid's switch; the plugin's vi.eval.rerank names the variant
     cfg.test.visrank = False  # ranked-result images (final evaluation, or evaluation-only runs)
     cfg.test.visrank_topk = 10
     return cfg
 
 
-def _plugin_defaults(cfg: CN) -> None:
-    cfg.engine = CN()
+def _plugin_defaults(cfg: Config) -> None:
+    cfg.engine = Config()
     cfg.engine.name = ''  # registry name ('xiv', 'idkl', 'softmax', 'triplet'); '' → loss.name
 
-    cfg.vi = CN()
-    cfg.vi.plugins = []  # python files or modules imported first (they may register things)
+    cfg.vi = Config()
+    cfg.vi.plugins = []  # python files or modules imported before the config is built
 
-    # Dataset options (passed to the registered dataset of the same name).
-    cfg.vi.sysu_mm01 = CN()
-    cfg.vi.sysu_mm01.search_modes = ['all', 'indoor']
-    cfg.vi.sysu_mm01.shots = [1, 10]
-    cfg.vi.sysu_mm01.gallery_sampler = 'auto'  # 'auto' | 'official_perm' | 'agw_seed'
-    cfg.vi.sysu_mm01.perm_file = ''  # rand_perm_cam.mat; '' → <root>/exp/rand_perm_cam.mat
-    cfg.vi.sysu_mm01.num_trials = 10
-    cfg.vi.sysu_mm01.semantics = 'vireid'  # 'vireid' | 'idkl'
-    cfg.vi.regdb = CN()
-    cfg.vi.regdb.trial = 1  # 1..10: each trial is its own train/test split (and model)
-    cfg.vi.regdb.directions = ['t2v', 'v2t']
-    cfg.vi.regdb.semantics = 'vireid'
-    cfg.vi.llcm = CN()
-    cfg.vi.llcm.directions = ['ir2vis', 'vis2ir']
-    cfg.vi.llcm.num_trials = 10
-    cfg.vi.llcm.legacy_deen_vis2ir = False  # the reference code's double-swapped "VIS->IR"
-    cfg.vi.llcm.semantics = 'vireid'
-
-    cfg.vi.sampler = CN()
+    cfg.vi.sampler = Config()
     cfg.vi.sampler.seed = -1  # ModalityBalancedSampler seed; -1 → train.seed
     cfg.vi.sampler.epoch_mode = 'agw'  # 'agw' | 'cover'
     cfg.vi.sampler.replace = 'auto'  # 'auto' | 'always'
 
-    cfg.vi.eval = CN()
+    cfg.vi.eval = Config()
     cfg.vi.eval.max_rank = 20
     cfg.vi.eval.flip = False  # average the features of the image and its horizontal flip
     cfg.vi.eval.rerank = 'none'  # 'none' | 'k_reciprocal' | 'query_only' (IDKL's variant)
@@ -161,67 +280,50 @@ def _plugin_defaults(cfg: CN) -> None:
     cfg.vi.eval.rerank_lambda = 0.3
     cfg.vi.eval.visrank_max_queries = 50  # ranked-result rows written per setting (0: all)
 
-    cfg.vi.train = CN()
+    cfg.vi.train = Config()
     cfg.vi.train.warmup_epochs = 10  # for train.lr_scheduler warmup_multi_step
     cfg.vi.train.warmup_factor = 0.1
     cfg.vi.train.checkpoint_freq = 1  # save a checkpoint every N epochs (and after evaluations)
     cfg.vi.train.deterministic = False  # torch.use_deterministic_algorithms (slower)
 
+    # Mixed precision of the network's forward passes in every engine: 'none' | 'fp16'
+    # (autocast + dynamic GradScaler, CUDA only) | 'bf16' (autocast; CPU autocast on a CPU).
+    cfg.train.amp = 'none'
 
-def get_default_config() -> CN:
-    """torchreid's defaults + ``engine`` + ``vi`` + every registered engine's node."""
+
+def _dataset_nodes(cfg: Config) -> None:
+    """``vi.<name>`` for every registered cross-modal dataset, from its ``default_options``."""
+    from .data.base import CrossModalDataset
+    for name in DATASETS.names():
+        cls = DATASETS.get(name)
+        if not (isinstance(cls, type) and issubclass(cls, CrossModalDataset)):
+            continue
+        if name in cfg.vi:
+            raise ConfigError(f'dataset "{name}" cannot have a config node: vi.{name} is '
+                              f'already an option group of the plugin')
+        node = Config()
+        for key, value in cls.default_options.items():
+            node[key] = list(value) if isinstance(value, tuple) else value
+        cfg.vi[name] = node
+
+
+def get_default_config() -> Config:
+    """torchreid's defaults + ``engine`` + ``vi`` + a node per registered dataset and method."""
     cfg = _torchreid_defaults()
     _plugin_defaults(cfg)
+    _dataset_nodes(cfg)
     for name in sorted(ENGINE_CONFIGS):
         ENGINE_CONFIGS[name](cfg)
     return cfg
 
 
-def imagedata_kwargs(cfg: CN, use_gpu: bool) -> dict:
-    """Arguments of torchreid's ``ImageDataManager`` from the config."""
-    return {
-        'root': cfg.data.root, 'sources': cfg.data.sources, 'targets': cfg.data.targets,
-        'height': cfg.data.height, 'width': cfg.data.width, 'transforms': cfg.data.transforms,
-        'k_tfm': cfg.data.k_tfm, 'norm_mean': cfg.data.norm_mean, 'norm_std': cfg.data.norm_std,
-        'use_gpu': use_gpu, 'split_id': cfg.data.split_id, 'combineall': cfg.data.combineall,
-        'load_train_targets': cfg.data.load_train_targets,
-        'batch_size_train': cfg.train.batch_size, 'batch_size_test': cfg.test.batch_size,
-        'workers': cfg.data.workers, 'num_instances': cfg.sampler.num_instances,
-        'num_cams': cfg.sampler.num_cams, 'num_datasets': cfg.sampler.num_datasets,
-        'train_sampler': cfg.sampler.train_sampler, 'train_sampler_t': cfg.sampler.train_sampler_t,
-        'cuhk03_labeled': cfg.cuhk03.labeled_images,
-        'cuhk03_classic_split': cfg.cuhk03.classic_split,
-        'market1501_500k': cfg.market1501.use_500k_distractors,
-    }
-
-
-def dataset_options(cfg: CN) -> dict:
-    """Per-dataset constructor options: ``{'sysu_mm01': {...}, 'regdb': {...}, 'llcm': {...}}``."""
-    return {name: {k: (list(v) if isinstance(v, (list, tuple)) else v)
-                   for k, v in cfg.vi[name].items()}
-            for name in ('sysu_mm01', 'regdb', 'llcm')}
-
-
-def sampler_options(cfg: CN) -> dict:
-    seed = cfg.vi.sampler.seed if cfg.vi.sampler.seed >= 0 else cfg.train.seed
-    return {'seed': seed, 'epoch_mode': cfg.vi.sampler.epoch_mode,
-            'replace': cfg.vi.sampler.replace}
-
-
-def optimizer_kwargs(cfg: CN) -> dict:
-    return {
-        'optim': cfg.train.optim, 'lr': cfg.train.lr, 'weight_decay': cfg.train.weight_decay,
-        'momentum': cfg.sgd.momentum, 'sgd_dampening': cfg.sgd.dampening,
-        'sgd_nesterov': cfg.sgd.nesterov, 'rmsprop_alpha': cfg.rmsprop.alpha,
-        'adam_beta1': cfg.adam.beta1, 'adam_beta2': cfg.adam.beta2,
-        'staged_lr': cfg.train.staged_lr, 'new_layers': cfg.train.new_layers,
-        'base_lr_mult': cfg.train.base_lr_mult,
-    }
-
-
-def lr_scheduler_kwargs(cfg: CN) -> dict:
-    return {
-        'lr_scheduler': cfg.train.lr_scheduler, 'stepsize': cfg.train.stepsize,
-        'gamma': cfg.train.gamma, 'max_epoch': cfg.train.max_epoch,
-        'warmup_epochs': cfg.vi.train.warmup_epochs, 'warmup_factor': cfg.vi.train.warmup_factor,
-    }
+def dataset_options(cfg: CfgNode) -> Dict[str, Dict[str, Any]]:
+    """Constructor options of every cross-modal dataset that has a node: ``{'regdb': {...}}``."""
+    from .data.base import CrossModalDataset
+    out = {}
+    for name in DATASETS.names():
+        cls = DATASETS.get(name)
+        if isinstance(cls, type) and issubclass(cls, CrossModalDataset) and name in cfg.vi:
+            out[name] = {k: (list(v) if isinstance(v, (list, tuple)) else v)
+                         for k, v in cfg.vi[name].items()}
+    return out

@@ -1,4 +1,4 @@
-"""Learning-rate schedules torchreid lacks, and the scheduler builder that knows them.
+"""Optimizers and learning-rate schedules from the config, including the schedule torchreid lacks.
 
 torchreid steps schedulers once per epoch. ``WarmupMultiStepLR`` is the "bag of tricks" schedule
 XIV uses: linear warm-up from ``warmup_factor * lr`` over ``warmup_epochs`` epochs, then ×gamma
@@ -25,7 +25,8 @@ import torch
 
 from ._torchreid import tr
 
-__all__ = ['WarmupMultiStepLR', 'build_lr_scheduler', 'PLUGIN_SCHEDULERS']
+__all__ = ['WarmupMultiStepLR', 'build_lr_scheduler', 'optimizer_from_config',
+           'scheduler_from_config']
 
 
 class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
@@ -59,9 +60,6 @@ class WarmupMultiStepLR(torch.optim.lr_scheduler.LRScheduler):
         return [base * self._factor(self.last_epoch) for base in self.base_lrs]
 
 
-PLUGIN_SCHEDULERS = ('warmup_multi_step',)
-
-
 def build_lr_scheduler(optimizer, lr_scheduler='single_step', stepsize=1, gamma=0.1, max_epoch=1,
                        warmup_epochs=10, warmup_factor=0.1):
     """torchreid's ``build_lr_scheduler`` plus ``'warmup_multi_step'`` (and ``'none'``)."""
@@ -72,3 +70,23 @@ def build_lr_scheduler(optimizer, lr_scheduler='single_step', stepsize=1, gamma=
         return WarmupMultiStepLR(optimizer, steps, gamma, warmup_epochs, warmup_factor)
     return tr.optim.build_lr_scheduler(optimizer, lr_scheduler=lr_scheduler, stepsize=stepsize,
                                        gamma=gamma, max_epoch=max_epoch)
+
+
+def optimizer_from_config(cfg, model):
+    """torchreid's ``build_optimizer`` with ``train.*``, ``sgd.*``, ``rmsprop.*``, ``adam.*``."""
+    return tr.optim.build_optimizer(
+        model, optim=cfg.train.optim, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+        momentum=cfg.sgd.momentum, sgd_dampening=cfg.sgd.dampening,
+        sgd_nesterov=cfg.sgd.nesterov, rmsprop_alpha=cfg.rmsprop.alpha,
+        adam_beta1=cfg.adam.beta1, adam_beta2=cfg.adam.beta2, staged_lr=cfg.train.staged_lr,
+        new_layers=cfg.train.new_layers, base_lr_mult=cfg.train.base_lr_mult)
+
+
+def scheduler_from_config(cfg, optimizer):
+    """:func:`build_lr_scheduler` with ``train.lr_scheduler/stepsize/gamma/max_epoch`` and
+    ``vi.train.warmup_epochs/warmup_factor``."""
+    return build_lr_scheduler(optimizer, lr_scheduler=cfg.train.lr_scheduler,
+                              stepsize=cfg.train.stepsize, gamma=cfg.train.gamma,
+                              max_epoch=cfg.train.max_epoch,
+                              warmup_epochs=cfg.vi.train.warmup_epochs,
+                              warmup_factor=cfg.vi.train.warmup_factor)

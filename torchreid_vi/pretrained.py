@@ -15,19 +15,14 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-import tempfile
 from pathlib import Path
 
 import torch
 
-__all__ = [
-    'PretrainedWeightsUnavailable', 'hub_checkpoint_path', 'load_imagenet_state_dict',
-    'explain_offline_downloads', 'RESNET50_V1_URL', 'RESNET18_URL', 'DENSENET121_URL',
-]
+from .utils.fileio import atomic_produce
 
-RESNET50_V1_URL = 'https://download.pytorch.org/models/resnet50-19c8e357.pth'
-RESNET18_URL = 'https://download.pytorch.org/models/resnet18-5c106cde.pth'
-DENSENET121_URL = 'https://download.pytorch.org/models/densenet121-a639ec97.pth'
+__all__ = ['PretrainedWeightsUnavailable', 'hub_checkpoint_path', 'load_imagenet_state_dict',
+           'explain_offline_downloads']
 _DOWNLOAD_TIMEOUT_S = 60  # an unreachable host must not hang a run
 
 
@@ -85,20 +80,15 @@ def load_imagenet_state_dict(url: str, what: str) -> dict:
     """
     target = hub_checkpoint_path(url)
     if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=target.parent, suffix='.part')
-        os.close(fd)
         try:
             with _socket_timeout(_DOWNLOAD_TIMEOUT_S):
-                torch.hub.download_url_to_file(url, tmp, progress=False)
-            os.replace(tmp, target)  # atomic: a killed download never leaves a truncated file
+                # a killed download leaves no truncated file
+                atomic_produce(str(target), lambda tmp: torch.hub.download_url_to_file(
+                    url, tmp, progress=False))
         except Exception as exc:
             if not _is_network_error(exc):
                 raise
             raise PretrainedWeightsUnavailable(_message(what, url, exc, target)) from exc
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return torch.load(target, map_location='cpu', weights_only=True)
 
 

@@ -11,13 +11,11 @@ __all__ = ['register_all']
 
 def register_all() -> None:
     from .data import register_all as register_data
-    from .engine.cross_modal import build_softmax_engine, build_triplet_engine
-    from .engine.idkl import register as register_idkl
-    from .engine.xiv import register as register_xiv
+    from .engine.stock import CrossModalSoftmaxEngine, CrossModalTripletEngine
+    from .methods import register_all as register_methods
 
     # torchreid's own engines, reached by `loss.name` or `engine.name`.
-    register_engine('softmax', build_softmax_engine)
-    register_engine('triplet', build_triplet_engine)
+    register_engine('softmax', CrossModalSoftmaxEngine.from_config)
+    register_engine('triplet', CrossModalTripletEngine.from_config)
     register_data()
-    register_xiv()
-    register_idkl()
+    register_methods()

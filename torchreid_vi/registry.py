@@ -4,11 +4,13 @@ torchreid keeps datasets and models in private module dicts and hard-codes sampl
 This module gives all four kinds the same public face:
 
 * ``register_dataset(name, cls)`` / ``list_datasets()``: torchreid's image-dataset registry;
-* ``register_model(name, fn)`` / ``list_models()``: torchreid's model factory;
+* ``register_model(name, fn, options=None)`` / ``list_models()``: torchreid's model factory;
+  ``options(cfg) -> dict`` are the method's model switches, passed to ``fn`` by the command line;
 * ``register_sampler(name, cls)`` / ``list_samplers()``: train samplers usable in
   ``sampler.train_sampler`` (torchreid's own names stay available);
 * ``register_engine(name, builder, config=None)`` / ``list_engines()``: engines chosen by name in
-  the command line (torchreid's ``softmax`` and ``triplet`` stay available).
+  the command line (torchreid's ``softmax`` and ``triplet`` stay available); ``builder`` is an
+  engine class's ``from_config``.
 
 Registering the same object twice under the same name is a no-op, so importing a module that
 registers things twice is harmless; registering a *different* object under a taken name raises
@@ -32,7 +34,7 @@ from typing import Any, Callable, Dict, List, Optional
 from ._torchreid import private_dict, tr
 
 __all__ = [
-    'Registry', 'SAMPLERS', 'ENGINES',
+    'Registry', 'DATASETS', 'MODELS', 'SAMPLERS', 'ENGINES', 'MODEL_OPTIONS', 'ENGINE_CONFIGS',
     'register_dataset', 'register_model', 'register_sampler', 'register_engine',
     'list_datasets', 'list_models', 'list_samplers', 'list_engines',
 ]
@@ -89,7 +91,11 @@ def _describe(obj: Any) -> str:
 
 def _same_definition(a: Any, b: Any) -> bool:
     # A module imported twice under two names (or reloaded) yields equal-but-distinct objects;
-    # treat "same module path and qualified name" as the same registration.
+    # treat "same module path and qualified name" as the same registration. Bound methods (an
+    # engine class's from_config) are the same when their functions and owners are.
+    if hasattr(a, '__func__') and hasattr(b, '__func__'):
+        return a == b or (_same_definition(a.__func__, b.__func__)
+                          and _same_definition(a.__self__, b.__self__))
     qa, qb = getattr(a, '__qualname__', None), getattr(b, '__qualname__', None)
     return qa is not None and qa == qb and getattr(a, '__module__', 1) == getattr(b, '__module__', 2)
 
@@ -101,6 +107,8 @@ SAMPLERS = Registry('train sampler')
 ENGINES = Registry('engine')
 # Engine name -> callable(cfg) adding the engine's config node (see torchreid_vi.config).
 ENGINE_CONFIGS: Dict[str, Callable] = {}
+# Model name -> callable(cfg) giving the model factory's method options (e.g. XIV's generator).
+MODEL_OPTIONS: Dict[str, Callable] = {}
 
 
 def register_dataset(name: str, cls, *, overwrite: bool = False):
@@ -108,9 +116,18 @@ def register_dataset(name: str, cls, *, overwrite: bool = False):
     return DATASETS.register(name, cls, overwrite=overwrite)
 
 
-def register_model(name: str, fn: Callable, *, overwrite: bool = False):
-    """Register a model constructor ``fn(num_classes, loss, pretrained, use_gpu, **kw)``."""
-    return MODELS.register(name, fn, overwrite=overwrite)
+def register_model(name: str, fn: Callable, *, options: Optional[Callable] = None,
+                   overwrite: bool = False):
+    """Register a model constructor ``fn(num_classes, loss, pretrained, use_gpu, **options)``.
+
+    Args:
+        options: ``options(cfg) -> dict``, the method's model switches taken from the config;
+            the command line builds the model with ``fn(..., **options(cfg))``.
+    """
+    MODELS.register(name, fn, overwrite=overwrite)
+    if options is not None:
+        MODEL_OPTIONS[name] = options
+    return fn
 
 
 def register_sampler(name: str, cls, *, overwrite: bool = False):
@@ -123,7 +140,8 @@ def register_sampler(name: str, cls, *, overwrite: bool = False):
 
 def register_engine(name: str, builder: Callable, config: Optional[Callable] = None, *,
                     overwrite: bool = False):
-    """Register an engine builder ``builder(cfg, datamanager, model, optimizer, scheduler, use_gpu)``.
+    """Register an engine builder ``builder(cfg, datamanager, model, optimizer, scheduler)``
+    (an engine class's ``from_config``).
 
     Args:
         config: optional ``fn(cfg)`` that adds the engine's own node to the default config, so its

@@ -16,15 +16,14 @@ Example::
 from __future__ import annotations
 
 import datetime
-import json
-import os
 import platform
-import tempfile
 from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ['ResultsFile', 'environment_info', 'write_json_atomic']
+from .utils.fileio import write_json_atomic
+
+__all__ = ['ResultsFile', 'environment_info']
 
 
 def environment_info(device: Optional[str] = None) -> dict:
@@ -66,21 +65,6 @@ def _jsonable(obj: Any):
     return obj
 
 
-def write_json_atomic(path: str, data: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.results', suffix='.part')
-    try:
-        with os.fdopen(fd, 'w') as f:
-            json.dump(_jsonable(data), f, indent=1, sort_keys=False)
-            f.write('\n')
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 class ResultsFile:
     """Accumulates a run's evaluations and keeps ``path`` up to date.
 
@@ -98,15 +82,15 @@ class ResultsFile:
             'environment': environment if environment is not None else environment_info(),
             'evaluations': [],
         }
-        write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, _jsonable(self.data))
 
     def add_evaluation(self, epoch: int, dataset: str, metrics: dict, **extra) -> None:
         """Append one evaluation (``metrics``: setting key -> result dict) and rewrite the file."""
         entry = {'epoch': int(epoch), 'dataset': dataset, 'metrics': _jsonable(metrics)}
         entry.update(_jsonable(extra))
         self.data['evaluations'].append(entry)
-        write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, _jsonable(self.data))
 
     def set(self, key: str, value: Any) -> None:
         self.data[key] = _jsonable(value)
-        write_json_atomic(self.path, self.data)
+        write_json_atomic(self.path, _jsonable(self.data))

@@ -1,7 +1,7 @@
 """Cross-modal datasets (SYSU-MM01, RegDB, LLCM), the modality-balanced sampler and their
 integration with torchreid's datamanager.
 
-``register_all()`` (idempotent) installs the datamanager hooks and registers the datasets
+``register_all()`` (idempotent) installs the sampler hook and registers the datasets
 ``'sysu_mm01'``, ``'regdb'``, ``'llcm'`` and the sampler ``'ModalityBalancedSampler'``::
 
     >>> from torchreid_vi.data import register_all
@@ -12,7 +12,7 @@ integration with torchreid's datamanager.
 """
 from .base import (INFRARED, MODALITY_NAMES, VISIBLE, CrossModalDataset, DatasetLayoutError,
                    clear_parse_cache, parse_cache_info)
-from .datamanager import CrossModalImageDataManager, dataset_options, install
+from .datamanager import CrossModalImageDataManager, install
 from .io import DataFormatError, ImageReadError, read_image
 from .llcm import LLCM
 from .regdb import RegDB
@@ -23,7 +23,7 @@ __all__ = [
     'VISIBLE', 'INFRARED', 'MODALITY_NAMES', 'CrossModalDataset', 'DatasetLayoutError',
     'DataFormatError', 'ImageReadError', 'read_image', 'parse_cache_info', 'clear_parse_cache',
     'SYSUMM01', 'RegDB', 'LLCM', 'ModalityBalancedSampler', 'batch_layout',
-    'CrossModalImageDataManager', 'dataset_options', 'install', 'register_all',
+    'CrossModalImageDataManager', 'install', 'register_all',
     'DATASET_CLASSES',
 ]
 
@@ -31,7 +31,7 @@ DATASET_CLASSES = {'sysu_mm01': SYSUMM01, 'regdb': RegDB, 'llcm': LLCM}
 
 
 def register_all() -> None:
-    """Install the datamanager hooks and register the plugin's datasets and sampler (idempotent)."""
+    """Install the sampler hook and register the plugin's datasets and sampler (idempotent)."""
     from ..registry import register_dataset, register_sampler
     install()
     for name, cls in DATASET_CLASSES.items():

@@ -36,7 +36,6 @@ from .io import DataFormatError, read_image, recording_reads
 __all__ = [
     'VISIBLE', 'INFRARED', 'MODALITY_NAMES', 'Record', 'DatasetLayoutError',
     'CrossModalDataset', 'MultiSourceCrossModalDataset', 'parse_cache_info', 'clear_parse_cache',
-    'check_common_options',
 ]
 
 VISIBLE = 0
@@ -85,28 +84,6 @@ def clear_parse_cache() -> None:
     _CACHE_STATS.clear()
 
 
-def check_common_options(dataset: str, options: Dict[str, Any],
-                         directions: Sequence[str] = ()) -> None:
-    """Checks shared by the datasets' protocol options.
-
-    ``num_trials`` (when present) must be a positive int, ``semantics`` one of the evaluator's
-    (``torchreid_vi.metrics.rank.SEMANTICS``), and ``directions`` (when ``directions`` lists the
-    allowed ones) a non-empty subset of them.
-    """
-    from ..metrics.rank import SEMANTICS
-    n = options.get('num_trials', 1)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f'{dataset}: num_trials={n!r}; expected a positive int')
-    if options.get('semantics', 'vireid') not in SEMANTICS:
-        raise ValueError(f'{dataset}: semantics={options["semantics"]!r}; expected one of '
-                         f'{SEMANTICS}')
-    if directions:
-        given = options['directions']
-        if isinstance(given, str) or not given or not set(given) <= set(directions):
-            raise ValueError(f'{dataset}: directions={given!r}; expected a non-empty subset of '
-                             f'{tuple(directions)}')
-
-
 def _fingerprint(paths: Sequence[str]) -> tuple:
     out = []
     for p in sorted(set(paths)):
@@ -143,7 +120,10 @@ class CrossModalDataset(tr.data.ImageDataset):
       ``None`` = all of them.
     * ``load_records(dataset_root) -> (train, query, gallery)``: lists of
       ``(path, pid, camid, modality)``; train pids may be raw (relabelled here).
-    * optionally ``evaluation_settings()``.
+    * ``protocol``: the evaluation protocol's name in
+      :data:`torchreid_vi.evaluation.protocols.PROTOCOLS` (default ``'generic'``: every IR image
+      against every VIS image, torchreid's same-pid-same-camera removal; it reads the options
+      ``directions``, ``removal`` and ``cmc_mode`` when the dataset declares them).
 
     Root lookup: ``<root>/<dataset_dir>`` is used when it is a folder; otherwise ``root`` itself
     when it is named ``dataset_dir`` or holds all ``layout_markers``. ``<root>/<dataset_dir>``
@@ -171,6 +151,7 @@ class CrossModalDataset(tr.data.ImageDataset):
     layout_markers: Tuple[str, ...] = ()
     default_options: Dict[str, Any] = {}
     parse_options: Optional[Tuple[str, ...]] = None
+    protocol: str = 'generic'
 
     def __init__(self, root: str = '', transform=None, k_tfm: int = 1, mode: str = 'train',
                  combineall: bool = False, verbose: bool = True, **kwargs):
@@ -191,17 +172,6 @@ class CrossModalDataset(tr.data.ImageDataset):
 
     def validate_options(self, options: Dict[str, Any]) -> None:
         """Check option values; raise ``ValueError`` naming the option and the allowed values."""
-
-    def evaluation_settings(self) -> list:
-        """The evaluation settings of this test set (default: generic both-direction settings).
-
-        Options named like ``generic_settings`` keywords (``directions``, ``removal``,
-        ``cmc_mode``) are forwarded.
-        """
-        from ..metrics.protocols import generic_settings
-        keys = ('directions', 'removal', 'cmc_mode')
-        opts = {k: v for k, v in self.protocol_options.items() if k in keys}
-        return generic_settings(self.query, self.gallery, dataset_name=self.dataset_name, **opts)
 
     # ---------------------------------------------------------------------------- helpers
     @property
@@ -451,17 +421,17 @@ class CrossModalDataset(tr.data.ImageDataset):
 class MultiSourceCrossModalDataset(CrossModalDataset):
     """The sum of several cross-modal datasets (built by ``+``; not constructed from a root).
 
-    ``train_raw_pids[label]`` is ``(dataset name, raw pid)``; query/gallery and
-    ``evaluation_settings()`` are those of the first source.
+    ``train_raw_pids[label]`` is ``(dataset name, raw pid)``; query/gallery, protocol and
+    protocol options are those of the first source.
     """
 
     def __init__(self, train, query, gallery, *, names: Sequence[str], eval_source=None,
                  train_raw_pids=None, transform=None, k_tfm=1, mode='train', verbose=False):
         self.source_names = list(names)
         self.name = '+'.join(self.source_names)
-        self.protocol_options = {}
-        self.root = self.dataset_root = None
-        self._eval_source = eval_source
+        self.protocol = getattr(eval_source, 'protocol', 'generic')
+        self.protocol_options = dict(getattr(eval_source, 'protocol_options', {}))
+        self.root = self.dataset_root = getattr(eval_source, 'dataset_root', None)
         self.train_raw_pids = train_raw_pids
         tr.data.ImageDataset.__init__(self, train, query, gallery, transform=transform,
                                       k_tfm=k_tfm, mode=mode, combineall=False, verbose=verbose)
@@ -477,9 +447,6 @@ class MultiSourceCrossModalDataset(CrossModalDataset):
         if self.train_raw_pids is None:
             return None
         return [f'{name}:{pid}' for name, pid in self.train_raw_pids]
-
-    def evaluation_settings(self) -> list:
-        return self._eval_source.evaluation_settings()
 
 
 def _modality_loss_error(left, right) -> ValueError:

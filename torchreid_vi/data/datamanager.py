@@ -1,70 +1,54 @@
-"""Plugging cross-modal datasets and samplers into torchreid's ``ImageDataManager``.
+"""The datamanager of the command line, and the one hook into torchreid's own datamanager.
 
-torchreid hard-codes its sampler names in ``build_train_sampler`` and calls datasets with a fixed
-keyword set through ``init_image_dataset``; both are looked up as globals of its
-``data.datamanager`` module. :func:`install` wraps the two there, so that
+:class:`CrossModalImageDataManager` is torchreid's ``ImageDataManager`` flow (same arguments,
+attributes, loaders and printed summary) built by the plugin itself, so that
 
-* any sampler registered with ``torchreid_vi.registry.register_sampler`` works as
-  ``train_sampler=<name>`` (torchreid's own names still reach torchreid's builder, and are listed
-  in the registry as thin wrappers);
-* plugin dataset options (e.g. RegDB ``trial``) reach the datasets while a
-  :func:`dataset_options` context is active.
+* plugin datasets get their options (e.g. RegDB ``trial``) as constructor arguments: torchreid's
+  ``init_image_dataset`` has a fixed keyword set, so the plugin constructs registered
+  cross-modal datasets directly and leaves every other dataset to torchreid;
+* plugin samplers get theirs (``seed``, ``epoch_mode``, ``replace`` for the
+  ``ModalityBalancedSampler``);
+* ``test_datasets`` exposes the query dataset objects, whose protocol the evaluator reads.
 
-:class:`CrossModalImageDataManager` is torchreid's ``ImageDataManager`` built inside that context,
-plus checks and ``test_datasets`` (the query dataset objects, whose ``evaluation_settings()`` the
-engine calls). Plain ``tr.data.ImageDataManager(train_sampler='ModalityBalancedSampler', ...)``
-works too once :func:`torchreid_vi.data.register_all` has run.
+torchreid hard-codes its sampler names in ``build_train_sampler``; :func:`install` wraps that one
+function on torchreid's ``data.datamanager`` module so that a sampler registered with
+:func:`torchreid_vi.registry.register_sampler` also works in a plain
+``tr.data.ImageDataManager(train_sampler=<name>)`` (with the sampler's default options). That is
+the only torchreid function the plugin replaces.
 
 Example::
 
-    from torchreid_vi.data import register_all
     from torchreid_vi.data.datamanager import CrossModalImageDataManager
-    register_all()
     dm = CrossModalImageDataManager(
         root='reid-data', sources='regdb', height=288, width=144,
         batch_size_train=64, num_instances=4, train_sampler='ModalityBalancedSampler',
         dataset_options={'regdb': {'trial': 2}}, sampler_options={'seed': 0})
-    settings = dm.test_datasets['regdb'].evaluation_settings()
+    regdb_test_set = dm.test_datasets['regdb']
 """
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
-from contextvars import ContextVar
 from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
 
 from .._torchreid import tr
 from ..registry import DATASETS, SAMPLERS, register_sampler
 from .base import CrossModalDataset
 
-__all__ = [
-    'install', 'uninstall', 'dataset_options', 'current_options', 'build_train_sampler',
-    'init_image_dataset', 'CrossModalImageDataManager', 'TORCHREID_SAMPLERS',
-]
+__all__ = ['install', 'build_train_sampler', 'CrossModalImageDataManager', 'TORCHREID_SAMPLERS']
 
 _DM = tr.module('data.datamanager')
 _TR_SAMPLER = tr.module('data.sampler')
+_TR_DATASETS = tr.module('data.datasets')
 TORCHREID_SAMPLERS: Tuple[str, ...] = tuple(_TR_SAMPLER.AVAI_SAMPLERS)
-
-# (dataset name -> options, sampler options) active while a datamanager is being built.
-_OPTIONS: ContextVar[Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]] = ContextVar(
-    'torchreid_vi_data_options', default=({}, {}))
-# The functions that were bound on torchreid's datamanager module before install().
-_PREVIOUS: Dict[str, Any] = {}
-
-
-def _previous(name: str):
-    prev = _PREVIOUS.get(name)
-    if prev is not None:
-        return prev
-    return getattr(_TR_SAMPLER if name == 'build_train_sampler' else tr.module('data.datasets'),
-                   name)
+_TORCHREID_BUILD_SAMPLER = _TR_SAMPLER.build_train_sampler
 
 
 def _torchreid_sampler(name: str):
     """A registry entry for torchreid's sampler ``name`` that defers to torchreid's builder."""
     def build(data_source, batch_size=32, num_instances=4, num_cams=1, num_datasets=1, **kwargs):
-        return _previous('build_train_sampler')(
+        return _TORCHREID_BUILD_SAMPLER(
             data_source, name, batch_size=batch_size, num_instances=num_instances,
             num_cams=num_cams, num_datasets=num_datasets, **kwargs)
     build.__name__ = build.__qualname__ = name
@@ -74,72 +58,6 @@ def _torchreid_sampler(name: str):
 
 
 TORCHREID_SAMPLER_WRAPPERS = {name: _torchreid_sampler(name) for name in TORCHREID_SAMPLERS}
-
-
-# ------------------------------------------------------------------------------- options context
-def _dataset_class(name: str):
-    return DATASETS.get(name) if name in DATASETS else None
-
-
-def _check_dataset_options(name: str, options: Mapping[str, Any]) -> None:
-    cls = _dataset_class(name)
-    if cls is None:
-        return  # not registered (yet); torchreid reports unknown names when one is built
-    if not (isinstance(cls, type) and issubclass(cls, CrossModalDataset)):
-        raise TypeError(f'dataset options {sorted(options)} were given for "{name}", which is not '
-                        f'a cross-modal dataset (CrossModalDataset subclass) and takes none')
-    for key in options:
-        if key not in cls.default_options:
-            allowed = ', '.join(cls.option_names()) or 'none'
-            raise TypeError(f'dataset "{name}": unknown dataset option "{key}" '
-                            f'(options of {name}: {allowed})')
-
-
-@contextmanager
-def dataset_options(options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                    sampler_options: Optional[Mapping[str, Any]] = None):
-    """Make plugin dataset and sampler options visible to datamanagers built inside the block.
-
-    Args:
-        options: dataset name -> keyword options of that dataset, e.g.
-            ``{'regdb': {'trial': 2}, 'sysu_mm01': {'shots': (1,)}}``. Names not used by the
-            datamanager are ignored; unknown option names raise ``TypeError`` naming the dataset
-            and the key.
-        sampler_options: keywords offered to a plugin sampler (e.g. ``{'seed': 0,
-            'epoch_mode': 'agw', 'replace': 'auto'}``); those the chosen sampler does not accept
-            are not passed (torchreid's own samplers take none).
-
-    The innermost block wins (no merging with an enclosing block).
-    """
-    options = {str(k): dict(v) for k, v in (options or {}).items()}
-    for name, opts in options.items():
-        _check_dataset_options(name, opts)
-    token = _OPTIONS.set((options, dict(sampler_options or {})))
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
-
-
-_options_context = dataset_options  # the name is shadowed by the datamanager's keyword below
-
-
-def current_options() -> Tuple[Dict[str, Dict[str, Any]], Dict[str, Any]]:
-    """``(dataset options, sampler options)`` of the innermost active :func:`dataset_options`."""
-    return _OPTIONS.get()
-
-
-# ------------------------------------------------------------------------------- wrapped builders
-def init_image_dataset(name: str, **kwargs):
-    """torchreid's ``init_image_dataset`` plus the active plugin options of dataset ``name``."""
-    opts = _OPTIONS.get()[0].get(name)
-    if opts:
-        _check_dataset_options(name, opts)
-        kwargs = {**kwargs, **opts}
-    return _previous('init_image_dataset')(name, **kwargs)
-
-
-init_image_dataset._torchreid_vi_wrapper = True
 
 
 def _accepted_kwargs(factory, offered: Dict[str, Any]) -> Dict[str, Any]:
@@ -153,15 +71,19 @@ def _accepted_kwargs(factory, offered: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def build_train_sampler(data_source, train_sampler, batch_size=32, num_instances=4, num_cams=1,
-                        num_datasets=1, **kwargs):
+                        num_datasets=1, sampler_options: Optional[Mapping[str, Any]] = None,
+                        **kwargs):
     """torchreid's ``build_train_sampler`` extended with the plugin sampler registry.
 
     A registered plugin sampler is called as ``cls(data_source, batch_size, num_instances,
-    **options)`` with the active sampler options (and ``num_cams``/``num_datasets``) it accepts.
+    **options)`` with those of ``sampler_options`` (and ``num_cams``/``num_datasets``) it accepts.
+
+    Raises:
+        ValueError: unknown sampler name (the message lists the available ones).
     """
     if train_sampler not in SAMPLERS:
         if train_sampler in TORCHREID_SAMPLERS:
-            return _previous('build_train_sampler')(
+            return _TORCHREID_BUILD_SAMPLER(
                 data_source, train_sampler, batch_size=batch_size, num_instances=num_instances,
                 num_cams=num_cams, num_datasets=num_datasets, **kwargs)
         names = sorted(set(SAMPLERS.names()) | set(TORCHREID_SAMPLERS))
@@ -172,7 +94,7 @@ def build_train_sampler(data_source, train_sampler, batch_size=32, num_instances
         return factory(data_source, batch_size=batch_size, num_instances=num_instances,
                        num_cams=num_cams, num_datasets=num_datasets, **kwargs)
     offered = {'num_cams': num_cams, 'num_datasets': num_datasets, **kwargs,
-               **_OPTIONS.get()[1]}
+               **dict(sampler_options or {})}
     return factory(data_source, batch_size, num_instances, **_accepted_kwargs(factory, offered))
 
 
@@ -180,90 +102,17 @@ build_train_sampler._torchreid_vi_wrapper = True
 
 
 def install() -> None:
-    """Wrap ``build_train_sampler`` and ``init_image_dataset`` on torchreid's datamanager module
-    and list torchreid's samplers in the plugin registry. Idempotent."""
-    for name, wrapper in (('build_train_sampler', build_train_sampler),
-                          ('init_image_dataset', init_image_dataset)):
-        bound = getattr(_DM, name)
-        if not getattr(bound, '_torchreid_vi_wrapper', False):
-            _PREVIOUS[name] = bound
-            setattr(_DM, name, wrapper)
+    """Wrap ``build_train_sampler`` on torchreid's datamanager module and list torchreid's samplers
+    in the plugin registry. Idempotent."""
+    if not getattr(_DM.build_train_sampler, '_torchreid_vi_wrapper', False):
+        _DM.build_train_sampler = build_train_sampler
     for name, wrapper in TORCHREID_SAMPLER_WRAPPERS.items():
         register_sampler(name, wrapper)
 
 
-def uninstall() -> None:
-    """Put back the functions :func:`install` replaced (registry entries stay)."""
-    for name, prev in list(_PREVIOUS.items()):
-        if getattr(getattr(_DM, name), '_torchreid_vi_wrapper', False):
-            setattr(_DM, name, prev)
-        del _PREVIOUS[name]
-
-
-def is_installed() -> bool:
-    return all(getattr(getattr(_DM, n), '_torchreid_vi_wrapper', False)
-               for n in ('build_train_sampler', 'init_image_dataset'))
-
-
 # ------------------------------------------------------------------------------- datamanager
-_TR_INIT = inspect.signature(tr.data.ImageDataManager.__init__)
-
-
-class CrossModalImageDataManager(tr.data.ImageDataManager):
-    """torchreid's ``ImageDataManager`` with plugin dataset and sampler options.
-
-    Takes every argument of ``ImageDataManager`` (``root``, ``sources``, ``targets``, ``height``,
-    ``width``, ``batch_size_train``, ``num_instances``, ``train_sampler``, ``workers``, ...)
-    plus:
-
-    Args:
-        dataset_options: dataset name -> options (see :func:`dataset_options`).
-        sampler_options: options offered to a plugin sampler (``seed``, ``epoch_mode``,
-            ``replace`` for ``ModalityBalancedSampler``).
-
-    Attributes (besides torchreid's):
-        train_set: the training dataset (a ``CrossModalDataset`` for cross-modal sources).
-        test_datasets: target name -> its **query dataset object**, e.g.
-            ``dm.test_datasets['sysu_mm01'].evaluation_settings()``.
-
-    Raises:
-        ValueError: sources mix cross-modal and plain datasets, or a modality-aware sampler
-            (``requires_modality``) was chosen and a source is not cross-modal (the modality
-            would be lost), or the built train set has no modality.
-    """
-
-    def __init__(self, *args, dataset_options: Optional[Mapping] = None,
-                 sampler_options: Optional[Mapping] = None, **kwargs):
-        bound = _TR_INIT.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        arguments = bound.arguments
-        install()
-        sampler_name = arguments['train_sampler']
-        needs_modality = _requires_modality(sampler_name)
-        sources = arguments['sources']
-        sources = [sources] if isinstance(sources, str) else list(sources or [])
-        # Unregistered names are left to torchreid, which lists the valid ones.
-        plain = [s for s in sources if _dataset_class(s) is not None and not _is_cross_modal(s)]
-        if plain and (needs_modality or len(plain) < len(sources)):
-            # Checked here because torchreid sums the train sets with the LEFT operand's
-            # __add__: a plain dataset first would silently drop the modality.
-            why = (f'train_sampler={sampler_name} needs the per-image modality' if needs_modality
-                   else 'cross-modal and plain datasets cannot be mixed')
-            raise ValueError(
-                f'{why}, but source(s) {plain} are not cross-modal datasets (CrossModalDataset '
-                f'subclasses): the training set would have no per-image modality (the modality '
-                f'would be lost)')
-        self.dataset_options = {k: dict(v) for k, v in (dataset_options or {}).items()}
-        self.sampler_options = dict(sampler_options or {})
-        with _options_context(self.dataset_options, self.sampler_options):
-            super().__init__(*args, **kwargs)
-        self.train_set = self.train_loader.dataset
-        if needs_modality and not isinstance(self.train_set, CrossModalDataset):
-            raise ValueError(
-                f'train_sampler={sampler_name} needs the per-image modality, but the training set '
-                f'built from {sources} is a {type(self.train_set).__name__} without it')
-        self.test_datasets = {name: self.test_loader[name]['query'].dataset
-                              for name in self.targets}
+def _dataset_class(name: str):
+    return DATASETS.get(name) if name in DATASETS else None
 
 
 def _is_cross_modal(name: str) -> bool:
@@ -275,3 +124,173 @@ def _requires_modality(sampler_name: str) -> bool:
     if sampler_name not in SAMPLERS:
         return False
     return bool(getattr(SAMPLERS.get(sampler_name), 'requires_modality', False))
+
+
+class CrossModalImageDataManager(_DM.DataManager):
+    """torchreid's ``ImageDataManager`` with plugin dataset and sampler options.
+
+    Takes every argument of torchreid's ``ImageDataManager`` (``root``, ``sources``, ``targets``,
+    ``height``, ``width``, ``transforms``, ``batch_size_train``, ``batch_size_test``,
+    ``num_instances``, ``train_sampler``, ``workers``, ...) plus:
+
+    Args:
+        dataset_options: dataset name -> constructor options of that cross-modal dataset, e.g.
+            ``{'regdb': {'trial': 2}}``; unknown datasets or option names raise ``TypeError``.
+        sampler_options: options offered to a plugin sampler (``seed``, ``epoch_mode``,
+            ``replace`` for ``ModalityBalancedSampler``; those it does not accept are dropped).
+
+    Attributes (besides torchreid's ``train_loader``, ``test_loader``, ``test_dataset``,
+    ``num_train_pids``...):
+        train_set: the training dataset (a ``CrossModalDataset`` for cross-modal sources).
+        test_datasets: target name -> its **query dataset object**.
+
+    Raises:
+        ValueError: sources mix cross-modal and plain datasets, or a modality-aware sampler
+            (``requires_modality``) was chosen and a source is not cross-modal (the modality
+            would be lost).
+    """
+
+    data_type = 'image'
+
+    def __init__(self, root='', sources=None, targets=None, height=256, width=128,
+                 transforms='random_flip', k_tfm=1, norm_mean=None, norm_std=None, use_gpu=True,
+                 split_id=0, combineall=False, load_train_targets=False, batch_size_train=32,
+                 batch_size_test=32, workers=4, num_instances=4, num_cams=1, num_datasets=1,
+                 train_sampler='RandomSampler', train_sampler_t='RandomSampler',
+                 cuhk03_labeled=False, cuhk03_classic_split=False, market1501_500k=False, *,
+                 dataset_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+                 sampler_options: Optional[Mapping[str, Any]] = None):
+        install()
+        super().__init__(sources=sources, targets=targets, height=height, width=width,
+                         transforms=transforms, norm_mean=norm_mean, norm_std=norm_std,
+                         use_gpu=use_gpu)
+        self.dataset_options = {str(k): dict(v) for k, v in (dataset_options or {}).items()}
+        self.sampler_options = dict(sampler_options or {})
+        for name, opts in self.dataset_options.items():
+            self._check_options(name, opts)
+        needs_modality = _requires_modality(train_sampler)
+        plain = [s for s in self.sources if _dataset_class(s) is not None
+                 and not _is_cross_modal(s)]
+        if plain and (needs_modality or len(plain) < len(self.sources)):
+            # Checked here because torchreid sums the train sets with the LEFT operand's
+            # __add__: a plain dataset first would silently drop the modality.
+            why = (f'train_sampler={train_sampler} needs the per-image modality' if needs_modality
+                   else 'cross-modal and plain datasets cannot be mixed')
+            raise ValueError(
+                f'{why}, but source(s) {plain} are not cross-modal datasets (CrossModalDataset '
+                f'subclasses): the training set would have no per-image modality (the modality '
+                f'would be lost)')
+        common = dict(root=root, split_id=split_id, cuhk03_labeled=cuhk03_labeled,
+                      cuhk03_classic_split=cuhk03_classic_split, market1501_500k=market1501_500k)
+        sampler_kwargs = dict(batch_size=batch_size_train, num_instances=num_instances,
+                              num_cams=num_cams, num_datasets=num_datasets,
+                              sampler_options=self.sampler_options)
+
+        print('=> Loading train (source) dataset')
+        trainset = sum(self._dataset(name, transform=self.transform_tr, k_tfm=k_tfm,
+                                     mode='train', combineall=combineall, **common)
+                       for name in self.sources)
+        self._num_train_pids = trainset.num_train_pids
+        self._num_train_cams = trainset.num_train_cams
+        self.train_set = trainset
+        self.train_loader = self._train_loader(
+            trainset, build_train_sampler(trainset.train, train_sampler, **sampler_kwargs),
+            batch_size_train, workers)
+        if needs_modality and not isinstance(trainset, CrossModalDataset):
+            raise ValueError(
+                f'train_sampler={train_sampler} needs the per-image modality, but the training set '
+                f'built from {self.sources} is a {type(trainset).__name__} without it')
+
+        self.train_loader_t = None
+        if load_train_targets:
+            if set(self.sources) & set(self.targets):
+                raise ValueError(f'data.load_train_targets: sources={self.sources} and '
+                                 f'targets={self.targets} must not overlap')
+            print('=> Loading train (target) dataset')
+            trainset_t = sum(self._dataset(name, transform=self.transform_tr, k_tfm=k_tfm,
+                                           mode='train', combineall=False, **common)
+                             for name in self.targets)
+            self.train_loader_t = self._train_loader(
+                trainset_t, build_train_sampler(trainset_t.train, train_sampler_t,
+                                                **sampler_kwargs), batch_size_train, workers)
+
+        print('=> Loading test (target) dataset')
+        self.test_loader = {name: {'query': None, 'gallery': None} for name in self.targets}
+        self.test_dataset = {name: {'query': None, 'gallery': None} for name in self.targets}
+        for name in self.targets:
+            for mode in ('query', 'gallery'):
+                dataset = self._dataset(name, transform=self.transform_te, mode=mode,
+                                        combineall=combineall, verbose=mode == 'query', **common)
+                self.test_loader[name][mode] = torch.utils.data.DataLoader(
+                    dataset, batch_size=batch_size_test, shuffle=False, num_workers=workers,
+                    pin_memory=self.use_gpu, drop_last=False)
+                self.test_dataset[name][mode] = getattr(dataset, mode)
+        self.test_datasets = {name: self.test_loader[name]['query'].dataset
+                              for name in self.targets}
+
+        print('\n  **************** Summary ****************')
+        print(f'  source            : {self.sources}')
+        print(f'  # source datasets : {len(self.sources)}')
+        print(f'  # source ids      : {self.num_train_pids}')
+        print(f'  # source images   : {len(trainset)}')
+        print(f'  # source cameras  : {self.num_train_cams}')
+        if load_train_targets:
+            print(f'  # target images   : {len(trainset_t)} (unlabeled)')
+        print(f'  target            : {self.targets}')
+        print('  *****************************************\n')
+
+    @classmethod
+    def from_config(cls, cfg) -> 'CrossModalImageDataManager':
+        """The datamanager of ``cfg`` (``data.*``, ``sampler.*``, ``vi.<dataset>``,
+        ``vi.sampler``)."""
+        from ..config import dataset_options
+        if cfg.data.type != 'image':
+            raise ValueError(f'data.type={cfg.data.type!r}: torchreid_vi works on image '
+                             f'datasets only')
+        sampler_seed = cfg.vi.sampler.seed if cfg.vi.sampler.seed >= 0 else cfg.train.seed
+        return cls(
+            root=cfg.data.root, sources=list(cfg.data.sources), targets=list(cfg.data.targets),
+            height=cfg.data.height, width=cfg.data.width, transforms=list(cfg.data.transforms),
+            k_tfm=cfg.data.k_tfm, norm_mean=list(cfg.data.norm_mean),
+            norm_std=list(cfg.data.norm_std),
+            use_gpu=bool(cfg.get('use_gpu', torch.cuda.is_available())),
+            split_id=cfg.data.split_id, combineall=cfg.data.combineall,
+            load_train_targets=cfg.data.load_train_targets,
+            batch_size_train=cfg.train.batch_size, batch_size_test=cfg.test.batch_size,
+            workers=cfg.data.workers, num_instances=cfg.sampler.num_instances,
+            num_cams=cfg.sampler.num_cams, num_datasets=cfg.sampler.num_datasets,
+            train_sampler=cfg.sampler.train_sampler, train_sampler_t=cfg.sampler.train_sampler_t,
+            cuhk03_labeled=cfg.cuhk03.labeled_images,
+            cuhk03_classic_split=cfg.cuhk03.classic_split,
+            market1501_500k=cfg.market1501.use_500k_distractors,
+            dataset_options=dataset_options(cfg),
+            sampler_options={'seed': sampler_seed, 'epoch_mode': cfg.vi.sampler.epoch_mode,
+                             'replace': cfg.vi.sampler.replace})
+
+    # ---------------------------------------------------------------------------- helpers
+    @staticmethod
+    def _check_options(name: str, options: Mapping[str, Any]) -> None:
+        cls = _dataset_class(name)
+        if cls is None:
+            return  # not registered (yet): a dataset that is not used needs no options
+        if not _is_cross_modal(name):
+            raise TypeError(f'dataset options {sorted(options)} were given for "{name}", which '
+                            f'is not a cross-modal dataset (CrossModalDataset subclass) and '
+                            f'takes none')
+        for key in options:
+            if key not in cls.default_options:
+                allowed = ', '.join(cls.option_names()) or 'none'
+                raise TypeError(f'dataset "{name}": unknown dataset option "{key}" '
+                                f'(options of {name}: {allowed})')
+
+    def _dataset(self, name: str, **kwargs):
+        """Dataset ``name``: registered cross-modal datasets get their options; the others are
+        torchreid's (``init_image_dataset`` lists the valid names on a typo)."""
+        if _is_cross_modal(name):
+            return DATASETS.get(name)(**kwargs, **self.dataset_options.get(name, {}))
+        return _TR_DATASETS.init_image_dataset(name, **kwargs)
+
+    def _train_loader(self, dataset, sampler, batch_size: int, workers: int):
+        return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size,
+                                           shuffle=False, num_workers=workers,
+                                           pin_memory=self.use_gpu, drop_last=True)

@@ -22,12 +22,15 @@ import warnings
 from collections import Counter
 from typing import List
 
-from .base import INFRARED, VISIBLE, CrossModalDataset, check_common_options
+from .base import INFRARED, VISIBLE, CrossModalDataset
 from .io import DataFormatError, note_read, parse_id_list, parse_idx_file, safe_join
 
-__all__ = ['LLCM', 'camera_of']
+__all__ = ['LLCM', 'camera_of', 'TEST_VIS_CAMERAS', 'TEST_NIR_CAMERAS']
 
 _CAM_TOKEN = re.compile(r'_c(\d+)_')
+# Cameras of the test trees the DEEN protocol samples from; there is no test_nir/cam3.
+TEST_VIS_CAMERAS = (1, 2, 3, 4, 5, 6, 7, 8, 9)
+TEST_NIR_CAMERAS = (1, 2, 4, 5, 6, 7, 8, 9)
 _WORD = {VISIBLE: 'vis', INFRARED: 'nir'}
 
 
@@ -70,11 +73,11 @@ class LLCM(CrossModalDataset):
                        'legacy_deen_vis2ir': False, 'semantics': 'vireid'}
     parse_options = ()
 
+    protocol = 'llcm'
+
     def validate_options(self, options):
-        if not isinstance(options['legacy_deen_vis2ir'], bool):
-            raise ValueError(f'llcm: legacy_deen_vis2ir={options["legacy_deen_vis2ir"]!r}; '
-                             f'expected True or False')
-        check_common_options(self.name, options, directions=('ir2vis', 'vis2ir'))
+        from ..evaluation.protocols.llcm import validate_options
+        validate_options(options, self.name)
 
     # ------------------------------------------------------------------------------------------
     def load_records(self, dataset_root):
@@ -167,11 +170,3 @@ class LLCM(CrossModalDataset):
             warnings.warn(f'llcm: {path} lists {len(listed)} test ids, the test trees hold '
                           f'{len(set(tree_pids))} ({len(listed ^ set(tree_pids))} differ); the '
                           f'trees are used', stacklevel=2)
-
-    def evaluation_settings(self):
-        from ..metrics.protocols import llcm_settings
-        o = self.protocol_options
-        return llcm_settings(self.query, self.gallery, dataset_name=self.dataset_name,
-                             directions=tuple(o['directions']), num_trials=o['num_trials'],
-                             legacy_deen_vis2ir=o['legacy_deen_vis2ir'],
-                             semantics=o['semantics'])

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os.path as osp
 from typing import Dict, Tuple
 
-from .base import INFRARED, VISIBLE, CrossModalDataset, check_common_options
+from .base import INFRARED, VISIBLE, CrossModalDataset
 from .io import DataFormatError, parse_idx_file, safe_join
 
 __all__ = ['RegDB']
@@ -46,12 +46,14 @@ class RegDB(CrossModalDataset):
     layout_markers = ('idx', 'Visible', 'Thermal')
     default_options = {'trial': 1, 'directions': ('t2v', 'v2t'), 'semantics': 'vireid'}
     parse_options = ('trial',)
+    protocol = 'regdb'
 
     def validate_options(self, options):
         t = options['trial']
         if isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= 10:
             raise ValueError(f'regdb: trial={t!r}; expected an int in 1..10 (the idx file suffix)')
-        check_common_options(self.name, options, directions=('t2v', 'v2t'))
+        from ..evaluation.protocols.regdb import validate_options
+        validate_options(options, self.name)
 
     def load_records(self, dataset_root):
         trial = self.protocol_options['trial']
@@ -80,13 +82,6 @@ class RegDB(CrossModalDataset):
         test = splits['test']
         return (splits['train'], [r for r in test if r[3] == INFRARED],
                 [r for r in test if r[3] == VISIBLE])
-
-    def evaluation_settings(self):
-        from ..metrics.protocols import regdb_settings
-        o = self.protocol_options
-        return regdb_settings(self.query, self.gallery, dataset_name=self.dataset_name,
-                              trial=o['trial'], directions=tuple(o['directions']),
-                              semantics=o['semantics'])
 
 
 def _folder_pid(rel_path: str, modality: int, where: str) -> int:

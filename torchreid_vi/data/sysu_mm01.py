@@ -3,7 +3,8 @@
 Splits follow every reference code base: train = ``train_id`` ∪ ``val_id`` (395 ids on the real
 data), test = ``test_id`` (96 ids). ``query`` = every cam3 and cam6 image of the test ids (the IR
 side); ``gallery`` = every cam1, 2, 4 and 5 image of the test ids (the visible candidate pool that
-the single/multi-shot protocols sample per trial, see ``torchreid_vi.metrics.protocols``).
+the single/multi-shot protocols sample per trial, see
+``torchreid_vi.evaluation.protocols.sysu_mm01``).
 
 Paths are parsed by components (``cam<c>/<pid>/<n>.jpg``), never by character offsets, and only
 ``*.jpg`` files are taken.
@@ -21,15 +22,13 @@ import os
 import os.path as osp
 from typing import List, Set
 
-from .base import INFRARED, VISIBLE, CrossModalDataset, check_common_options
+from .base import INFRARED, VISIBLE, CrossModalDataset
 from .io import DataFormatError, note_read, parse_id_list
 
-__all__ = ['SYSUMM01']
+__all__ = ['SYSUMM01', 'CAMERAS', 'INFRARED_CAMERAS', 'GALLERY_SAMPLERS']
 
 CAMERAS = (1, 2, 3, 4, 5, 6)
-INFRARED_CAMERAS = (3, 6)
-QUERY_CAMERAS = (3, 6)
-GALLERY_CAMERAS = (1, 2, 4, 5)
+INFRARED_CAMERAS = (3, 6)  # the query side of every protocol; cams 1, 2, 4, 5 are visible
 GALLERY_SAMPLERS = ('auto', 'official_perm', 'agw_seed')
 
 
@@ -68,19 +67,11 @@ class SYSUMM01(CrossModalDataset):
     }
     parse_options = ()  # all options only affect evaluation
 
+    protocol = 'sysu_mm01'
+
     def validate_options(self, options):
-        modes = options['search_modes']
-        if not modes or not set(modes) <= {'all', 'indoor'}:
-            raise ValueError(f'sysu_mm01: search_modes={modes!r}; expected a non-empty subset of '
-                             f'("all", "indoor")')
-        shots = options['shots']
-        if not shots or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1
-                                for s in shots):
-            raise ValueError(f'sysu_mm01: shots={shots!r}; expected positive ints such as (1, 10)')
-        if options['gallery_sampler'] not in GALLERY_SAMPLERS:
-            raise ValueError(f'sysu_mm01: gallery_sampler={options["gallery_sampler"]!r}; '
-                             f'expected one of {GALLERY_SAMPLERS}')
-        check_common_options(self.name, options)
+        from ..evaluation.protocols.sysu_mm01 import validate_options
+        validate_options(options, self.name)
 
     # ------------------------------------------------------------------------------------------
     def _read_ids(self, exp_dir: str, split: str) -> List[int]:
@@ -114,21 +105,12 @@ class SYSUMM01(CrossModalDataset):
                 if pid in train_ids:
                     target = train
                 elif pid in test_ids:
-                    target = query if cam in QUERY_CAMERAS else gallery
+                    target = query if cam in INFRARED_CAMERAS else gallery
                 else:
                     continue
                 target.extend((path, pid, cam, modality) for path in _jpg_paths(pid_dir))
         # The base sorts by (pid, camera, file name): 4-digit names make that numeric order.
         return train, query, gallery
-
-    def evaluation_settings(self):
-        from ..metrics.protocols import sysu_settings
-        o = self.protocol_options
-        return sysu_settings(
-            self.query, self.gallery, dataset_name=self.dataset_name,
-            search_modes=tuple(o['search_modes']), shots=tuple(o['shots']),
-            gallery_sampler=o['gallery_sampler'], perm_file=o['perm_file'] or None,
-            root=self.dataset_root, num_trials=o['num_trials'], semantics=o['semantics'])
 
 
 def _pid_folders(cam_dir: str):

@@ -8,7 +8,7 @@ Steps (each prints where its output went):
 
 1. ``<out>/data/SYSU-MM01``: synthetic data in the real layout (``torchreid_vi.tools.synthesize``);
 2. ``<out>/<method>``: training + full SYSU evaluation (all/indoor × single/multi-shot × 10
-   trials) through the command line with ``configs/demo/<method>_synthetic.yaml``; logs,
+   trials) through the command line with the packaged config ``demo/<method>_synthetic``; logs,
    checkpoints, ``results.json``, tensorboard events and ranked-result pictures (``visrank/``);
 3. for XIV, ``<out>/xiv/figures``: visible / X / infrared triplets and channel histograms;
 4. ``<out>/SUMMARY.md``: the results table next to the chance level (the same protocol evaluated
@@ -27,22 +27,17 @@ import numpy as np
 
 __all__ = ['main', 'chance_level']
 
-REPO = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
-
-
 def chance_level(data_root: str, dataset: str = 'sysu_mm01', seed: int = 0,
                  options: dict = None) -> dict:
     """Mean metrics of every setting when the distances are random (uniform): the chance level."""
-    from .._torchreid import tr
-    from ..metrics.report import evaluate_settings
+    from ..config import get_default_config
+    from ..evaluation.evaluator import CrossModalEvaluator
+    from ..registry import DATASETS
     from ..registration import register_all
     register_all()
-    qset = tr.module('data.datasets').init_image_dataset(
-        dataset, root=data_root, mode='query', verbose=False, **(options or {}))
-    rng = np.random.default_rng(seed)
-    dist = rng.random((len(qset.query), len(qset.gallery)))
-    results = evaluate_settings(dist, qset.query, qset.gallery, qset.evaluation_settings())
-    return {k: r.mean for k, r in results.items()}
+    qset = DATASETS.get(dataset)(root=data_root, mode='query', verbose=False, **(options or {}))
+    evaluator = CrossModalEvaluator.from_config(get_default_config())
+    return {k: r.mean for k, r in evaluator.chance_level(dataset, qset, seed).items()}
 
 
 def _table(results_json: str, chance: dict) -> str:
@@ -85,7 +80,7 @@ def main(argv=None) -> int:
     else:
         print(f'[demo] reusing synthetic data in {sysu}')
 
-    config = osp.join(REPO, 'configs', 'demo', f'{args.method}_synthetic.yaml')
+    config = f'demo/{args.method}_synthetic'
     save_dir = osp.join(out, args.method)
     opts = [o for o in args.opts if o != '--']
     t1 = time.time()
@@ -98,8 +93,8 @@ def main(argv=None) -> int:
     ckpts = sorted((f for f in os.listdir(osp.join(save_dir, 'model')) if '.pth.tar-' in f),
                    key=lambda f: int(f.rsplit('-', 1)[1]))
     if args.method == 'xiv':
-        from . import xiv_figures
-        xiv_figures.main(['--config-file', config, '--root', data_root,
+        from ..methods.xiv import figures
+        figures.main(['--config-file', config, '--root', data_root,
                           '--load-weights', osp.join(save_dir, 'model', ckpts[-1]),
                           '--out', osp.join(save_dir, 'figures')])
 

@@ -1,9 +1,9 @@
-"""Layers shared by the plugin's models: GeM pooling, the BNNeck and gradient reversal.
+"""Layers shared by the methods' networks: GeM pooling, the BNNeck and gradient reversal.
 
 Example::
 
     >>> import torch
-    >>> from torchreid_vi.models.layers import GeM, BNNeck
+    >>> from torchreid_vi.modeling.layers import GeM, BNNeck
     >>> x = torch.rand(4, 2048, 16, 8)
     >>> f = GeM(p=3)(x)                  # (4, 2048)
     >>> neck = BNNeck(2048)
@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ['GeM', 'BNNeck', 'GradientReversal', 'grad_reverse']
+__all__ = ['GeM', 'BNNeck', 'grad_reverse']
 
 
 class GeM(nn.Module):
@@ -82,13 +82,3 @@ def grad_reverse(x: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
     """Identity in the forward pass; multiplies the gradient by ``-alpha`` in the backward pass."""
     return _GradReverse.apply(x, alpha)
 
-
-class GradientReversal(nn.Module):
-    """Module form of :func:`grad_reverse` (used by IDKL's paper-mode modality confuser)."""
-
-    def __init__(self, alpha: float = 1.0):
-        super().__init__()
-        self.alpha = alpha
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return grad_reverse(x, self.alpha)

@@ -53,91 +53,12 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-__all__ = [
-    'CrossModalResult', 'evaluate_cross_modal', 'protocol_rules', 'resolve_rules',
-    'PROTOCOLS', 'REMOVALS', 'CMC_MODES', 'SEMANTICS', 'DEFAULT_REPORT_RANKS',
-]
+from .rules import (CMC_MODES, LOCATION_GALLERY_CAM, LOCATION_QUERY_CAM, PRESETS,  # noqa: F401
+                    REMOVALS, resolve_rules)
 
-REMOVALS = ('location', 'same_pid_cam', 'none')
-CMC_MODES = ('identity', 'image')
-SEMANTICS = ('vireid', 'torchreid', 'idkl')
+__all__ = ['CrossModalResult', 'evaluate_cross_modal', 'DEFAULT_REPORT_RANKS']
+
 DEFAULT_REPORT_RANKS = (1, 5, 10, 20)
-
-# protocol name -> (removal, cmc_mode)
-PROTOCOLS: Dict[str, Tuple[str, str]] = {
-    'sysu': ('location', 'identity'),
-    'regdb': ('none', 'image'),
-    'llcm': ('same_pid_cam', 'identity'),
-    'torchreid': ('same_pid_cam', 'image'),
-}
-
-# §3.2: (dataset protocol, semantics) -> (removal, cmc_mode)
-_SEMANTICS_TABLE: Dict[Tuple[str, str], Tuple[str, str]] = {
-    ('sysu', 'vireid'): ('location', 'identity'),
-    ('sysu', 'torchreid'): ('same_pid_cam', 'image'),
-    ('sysu', 'idkl'): ('location', 'identity'),
-    ('regdb', 'vireid'): ('none', 'image'),
-    ('regdb', 'torchreid'): ('same_pid_cam', 'image'),
-    ('regdb', 'idkl'): ('none', 'identity'),
-    ('llcm', 'vireid'): ('same_pid_cam', 'identity'),
-    ('llcm', 'torchreid'): ('same_pid_cam', 'image'),
-    ('llcm', 'idkl'): ('none', 'identity'),
-}
-_DATASET_ALIASES = {'sysu': 'sysu', 'sysu_mm01': 'sysu', 'sysu-mm01': 'sysu', 'sysumm01': 'sysu',
-                    'regdb': 'regdb', 'llcm': 'llcm'}
-
-# SYSU-MM01 location rule: IR cam 3 films the room of VIS cam 2 (datasets_and_protocols.md §1.4).
-LOCATION_QUERY_CAM = 3
-LOCATION_GALLERY_CAM = 2
-
-
-def protocol_rules(dataset_protocol: str, semantics: str = 'vireid') -> Tuple[str, str]:
-    """(removal, cmc_mode) of a dataset protocol under a semantics (§3.2 table).
-
-    Args:
-        dataset_protocol: 'sysu' (also 'sysu_mm01'), 'regdb' or 'llcm'.
-        semantics: 'vireid' (the standard VI-ReID protocols, default), 'torchreid' (torchreid's
-            same-pid-same-cam rule with per-image CMC) or 'idkl' (IDKL's released evaluation).
-
-    Example:
-        >>> protocol_rules('sysu')
-        ('location', 'identity')
-        >>> protocol_rules('llcm', 'idkl')
-        ('none', 'identity')
-    """
-    dataset = _DATASET_ALIASES.get(str(dataset_protocol).lower())
-    if dataset is None:
-        raise ValueError(f'unknown dataset protocol {dataset_protocol!r}; expected one of '
-                         f'{sorted(set(_DATASET_ALIASES))}')
-    if semantics not in SEMANTICS:
-        raise ValueError(f'unknown semantics {semantics!r}; expected one of {SEMANTICS}')
-    return _SEMANTICS_TABLE[(dataset, semantics)]
-
-
-def resolve_rules(protocol: Optional[str], removal: Optional[str],
-                  cmc_mode: Optional[str]) -> Tuple[str, str, str]:
-    """(removal, cmc_mode, label) from a protocol preset and/or explicit keywords.
-
-    Explicit ``removal``/``cmc_mode`` override the preset; without a preset both are required.
-    ``label`` names the rule in error messages, e.g. ``"protocol 'sysu' (removal='location',
-    cmc_mode='identity')"``.
-    """
-    if protocol is not None:
-        if protocol not in PROTOCOLS:
-            raise ValueError(f'unknown protocol {protocol!r}; expected one of {sorted(PROTOCOLS)} '
-                             f'or None with explicit removal= and cmc_mode=')
-        base_removal, base_cmc = PROTOCOLS[protocol]
-        removal = base_removal if removal is None else removal
-        cmc_mode = base_cmc if cmc_mode is None else cmc_mode
-    elif removal is None or cmc_mode is None:
-        raise ValueError('give protocol= (one of %s) or both removal= %s and cmc_mode= %s'
-                         % (sorted(PROTOCOLS), REMOVALS, CMC_MODES))
-    if removal not in REMOVALS:
-        raise ValueError(f'unknown removal {removal!r}; expected one of {REMOVALS}')
-    if cmc_mode not in CMC_MODES:
-        raise ValueError(f'unknown cmc_mode {cmc_mode!r}; expected one of {CMC_MODES}')
-    head = f'protocol {protocol!r} ' if protocol is not None else ''
-    return removal, cmc_mode, f'{head}(removal={removal!r}, cmc_mode={cmc_mode!r})'
 
 
 @dataclass(frozen=True, eq=False)

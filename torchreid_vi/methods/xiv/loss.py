@@ -16,7 +16,7 @@ With M anchors per block, ``mean`` equals the paper's ``(1/M) Σ``.
 Example::
 
     >>> import torch
-    >>> from torchreid_vi.losses.xiv import cross_modality_gap
+    >>> from torchreid_vi.methods.xiv.loss import cross_modality_gap
     >>> ir, vis = torch.tensor([[0.], [4.]]), torch.tensor([[1.], [3.]])
     >>> y = torch.tensor([0, 1])
     >>> # each anchor: positive at 1, negative at 3 -> [0.5 + 1 - 3]_+ = 0 both ways
@@ -32,7 +32,8 @@ from typing import Dict, Mapping, Tuple, Union
 import torch
 from torch import nn
 
-from .common import batch_hard_triplet, cross_entropy, pairwise_euclidean
+from ...modeling.losses import TRIPLET_EPS, batch_hard_triplet, cross_entropy
+from ...utils.distance import pairwise_distance
 
 __all__ = ['BLOCKS', 'CROSS_PAIRS', 'modality_respective_terms', 'cross_modality_gap', 'XIVLoss']
 
@@ -56,7 +57,7 @@ def modality_respective_terms(logits: torch.Tensor, feats: torch.Tensor, labels:
 
     Returns: ``(id_term, triplet_term)``, scalars = ``(1/M) Σ CE`` and ``(1/M) Σ tri``.
     """
-    dist = pairwise_euclidean(feats, feats)
+    dist = pairwise_distance(feats, feats, eps=TRIPLET_EPS)
     return (cross_entropy(logits, labels, label_smoothing),
             batch_hard_triplet(dist, labels, labels, margin).mean())
 
@@ -72,7 +73,7 @@ def cross_modality_gap(feats_a: torch.Tensor, labels_a: torch.Tensor, feats_b: t
     Args: feats_a ``(n_a, D)``, labels_a ``(n_a,)``, feats_b ``(n_b, D)``, labels_b ``(n_b,)``;
         margin: α1. Returns: a scalar, ``mean_a tri(a→B) + mean_b tri(b→A)``.
     """
-    dist = pairwise_euclidean(feats_a, feats_b)
+    dist = pairwise_distance(feats_a, feats_b, eps=TRIPLET_EPS)
     a_to_b = batch_hard_triplet(dist, labels_a, labels_b, margin)
     b_to_a = batch_hard_triplet(dist.t(), labels_b, labels_a, margin)
     return a_to_b.mean() + b_to_a.mean()
@@ -81,12 +82,12 @@ def cross_modality_gap(feats_a: torch.Tensor, labels_a: torch.Tensor, feats_b: t
 class XIVLoss(nn.Module):
     """``L = L_M + λ · L_C`` over the modality blocks present in a batch.
 
-    Args:
-        margin_intra: α2 of the per-modality triplet (0.3).
-        margin_cross: α1 of the cross-modality triplets (0.5).
-        lambda_cmg: λ (0.1).
+    Args (keyword-only; ``cfg.xiv`` holds the defaults, see :meth:`from_config`):
+        margin_intra: α2 of the per-modality triplet.
+        margin_cross: α1 of the cross-modality triplets.
+        lambda_cmg: λ.
         use_cmg: include ``L_C`` (False: the ``baseline`` / ``baseline+X`` ablations).
-        label_smoothing: ε of the ID loss (0.0 = the paper's plain cross entropy).
+        label_smoothing: ε of the ID loss (0 = the paper's plain cross entropy).
 
     ``forward(logits, feats, labels, blocks)``:
         logits ``(N, C)``, feats ``(N, D)`` pre-BN, labels ``(N,)``; ``blocks`` maps
@@ -97,10 +98,16 @@ class XIVLoss(nn.Module):
     Returns a dict of scalar tensors: ``loss`` (the total), ``loss_m``, ``loss_c``, and per term
     ``id_<b>``, ``tri_<b>`` for each block b in (ir, x, vis) present, ``cmg_ir_x``/``cmg_ir_vis``
     for each cross pair used (unweighted; ``loss_c`` is their sum, multiplied by λ in ``loss``).
+
+    Example::
+
+        >>> from torchreid_vi.config import get_default_config
+        >>> XIVLoss.from_config(get_default_config(), lambda_cmg=0.2).lambda_cmg
+        0.2
     """
 
-    def __init__(self, margin_intra: float = 0.3, margin_cross: float = 0.5,
-                 lambda_cmg: float = 0.1, use_cmg: bool = True, label_smoothing: float = 0.0):
+    def __init__(self, *, margin_intra: float, margin_cross: float, lambda_cmg: float,
+                 use_cmg: bool, label_smoothing: float):
         super().__init__()
         if margin_intra < 0 or margin_cross < 0 or lambda_cmg < 0:
             raise ValueError(f'xiv margins and lambda must be >= 0, got margin_intra='
@@ -113,6 +120,16 @@ class XIVLoss(nn.Module):
         self.lambda_cmg = float(lambda_cmg)
         self.use_cmg = bool(use_cmg)
         self.label_smoothing = float(label_smoothing)
+
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> 'XIVLoss':
+        """The loss of ``cfg.xiv``; ``overrides`` replace single arguments."""
+        x = cfg.xiv
+        kwargs = dict(margin_intra=x.margin_intra, margin_cross=x.margin_cross,
+                      lambda_cmg=x.lambda_cmg, use_cmg=x.use_cmg,
+                      label_smoothing=x.label_smoothing)
+        kwargs.update(overrides)
+        return cls(**kwargs)
 
     def forward(self, logits: torch.Tensor, feats: torch.Tensor, labels: torch.Tensor,
                 blocks: Mapping[str, Index]) -> Dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ Example::
 
     >>> import numpy as np, os, tempfile
     >>> from PIL import Image
-    >>> from torchreid_vi.visrank import draw_rank_row
+    >>> from torchreid_vi.evaluation.visrank import draw_rank_row
     >>> d = tempfile.mkdtemp()
     >>> paths = []
     >>> for i in range(3):
@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from .rules import removed_mask
 
 __all__ = ['draw_rank_row', 'visualize_setting']
 
@@ -54,14 +56,6 @@ def draw_rank_row(query_path: str, gallery_paths: Sequence[str], matches: Sequen
     return canvas
 
 
-def _removed(removal: str, q_pid, q_cam, g_pids, g_cams) -> np.ndarray:
-    if removal == 'location':
-        return (g_cams == 2) & (q_cam == 3)
-    if removal == 'same_pid_cam':
-        return (g_pids == q_pid) & (g_cams == q_cam)
-    return np.zeros(len(g_pids), dtype=bool)
-
-
 def visualize_setting(dist_ir_vis: np.ndarray, ir_records, vis_records, setting, save_dir: str,
                       topk: int = 10, max_queries: int = 50, height: int = 256,
                       width: int = 128) -> int:
@@ -87,7 +81,7 @@ def visualize_setting(dist_ir_vis: np.ndarray, ir_records, vis_records, setting,
     sub = dist[np.ix_(rows, g_idx)]
     for r, qi in enumerate(rows):
         q_path, q_pid, q_cam = q_recs[qi][:3]
-        keep = ~_removed(setting.removal, q_pid, q_cam, g_pids, g_cams)
+        keep = ~removed_mask(setting.removal, q_pid, q_cam, g_pids, g_cams)
         order = np.argsort(sub[r], kind='stable')
         order = order[keep[order]][:topk]
         img = draw_rank_row(q_path, [g_recs[g_idx[j]][0] for j in order],

@@ -14,14 +14,14 @@ Building blocks (names of the spec):
 * :func:`tgsa_terms` — T_dist and T_mdr; :func:`csa_terms` — L_bg and L_sm.
 * :class:`IDKLLoss` — the total loss of §3.7 with every term returned separately.
 
-The symmetric KL J, the batch-hard triplet, the Euclidean distances and the cross entropy come from
-:mod:`torchreid_vi.losses.common`. All loss maths runs in float32 (inputs are cast), so the network
-may run under autocast.
+The symmetric KL J, the batch-hard triplet and the cross entropy come from
+:mod:`torchreid_vi.modeling.losses`, the distances from :mod:`torchreid_vi.utils.distance`. All
+loss maths runs in float32 (inputs are cast), so the network may run under autocast.
 
 Example (the official layout: per identity IR, VIS, IR, VIS, …)::
 
     >>> import torch
-    >>> from torchreid_vi.losses.idkl import canonical_views, pseudo_modality_labels
+    >>> from torchreid_vi.methods.idkl.loss import canonical_views, pseudo_modality_labels
     >>> pids = torch.tensor([7, 7, 7, 7, 3, 3, 3, 3])
     >>> mods = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
     >>> views = canonical_views(pids, mods, num_instances=2)
@@ -38,21 +38,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import batch_hard_triplet, cross_entropy, pairwise_euclidean, symmetric_kl
+from ...data.base import INFRARED, VISIBLE
+from ...data.sampler import batch_layout
+from ...modeling.losses import TRIPLET_EPS, batch_hard_triplet, cross_entropy, symmetric_kl
+from ...utils.distance import pairwise_distance
+from .config import CONFUSER_MODES, CROSS_MODES, LOSS_FORMS
 
 __all__ = [
     'CanonicalViews', 'canonical_views', 'pseudo_modality_labels', 'off_diagonal',
     'off_diagonal_distances', 'set_level_rows', 'set_level_kl', 'entropy',
     'discrimination_enhancing_loss', 'discrepancy_reducing_loss', 'tgsa_terms', 'csa_terms',
-    'IDKLLoss', 'LOSS_FORMS', 'CROSS_MODES', 'CONFUSER_MODES', 'DISTANCE_EPS',
+    'IDKLLoss', 'DISTANCE_EPS',
 ]
 
-LOSS_FORMS = ('code', 'paper')
-CROSS_MODES = ('mixed_set', 'cross_modal')
-CONFUSER_MODES = ('pseudo', 'grl')
 # Clamp of the squared distances inside R(S) (released code's kl_soft_dist).
 DISTANCE_EPS = 1e-6
-VISIBLE, INFRARED = 0, 1  # torchreid_vi.data.base modality codes
 
 
 class CanonicalViews(NamedTuple):
@@ -96,13 +96,7 @@ def canonical_views(pids: torch.Tensor, modalities: torch.Tensor, num_instances:
         raise ValueError(f'canonical_views: pids and modalities must be equal 1-D tensors, got '
                          f'{tuple(pids.shape)} and {tuple(modalities.shape)}')
     batch = pids.numel()
-    m = int(num_instances)
-    if m < 1 or batch % (2 * m) != 0:
-        raise ValueError(
-            f'IDKL needs a batch of P identities x (m visible + m infrared) images; batch size {batch} '
-            f'is not a multiple of 2 x sampler.num_instances = {2 * m} (train.batch_size must be '
-            f'2·P·m with ModalityBalancedSampler)')
-    num_ids = batch // (2 * m)
+    num_ids, m = batch_layout(batch, int(num_instances))
     device = pids.device
     pos = torch.arange(batch, device=device)
     same_pid = pids.view(-1, 1) == pids.view(1, -1)                       # (B, B)
@@ -172,7 +166,7 @@ def off_diagonal_distances(s: torch.Tensor, t: torch.Tensor = None) -> torch.Ten
     ``D_ij = sqrt(max(|s_i|² + |s_j|² − 2 s_i·s_j, 1e-6))`` in float32. With ``t`` (``(n, d)``)
     the cross-set version A(S; T): rows ``s_i``, columns ``t_j``, the paired entry ``j = i`` deleted.
     """
-    return off_diagonal(pairwise_euclidean(s, s if t is None else t, eps=DISTANCE_EPS))
+    return off_diagonal(pairwise_distance(s, s if t is None else t, eps=DISTANCE_EPS))
 
 
 def set_level_rows(z: torch.Tensor, num_ids: int) -> torch.Tensor:
@@ -288,9 +282,10 @@ def csa_terms(z_sh: torch.Tensor, z_sp: torch.Tensor, views: CanonicalViews, csa
 
 
 class IDKLLoss(nn.Module):
-    """The IDKL objective (spec §3.7); defaults reproduce the released code on SYSU-MM01.
+    """The IDKL objective (spec §3.7); ``cfg.idkl``'s defaults reproduce the released code on
+    SYSU-MM01. Build it with :meth:`from_config`.
 
-    Args mirror ``cfg.idkl`` (see :func:`torchreid_vi.engine.idkl.add_idkl_config`):
+    Args (keyword-only) mirror ``cfg.idkl`` (:mod:`torchreid_vi.methods.idkl.config`):
         num_instances: m (``sampler.num_instances``). margin: triplet margin μ.
         ip_weight: λ1. ip_loss_form: ``'code'`` | ``'paper'``.
         tgsa_enabled, tgsa_distill_weight (λ2), tgsa_mdr_weights (w1, w2, w3), tgsa_cross_mode.
@@ -300,7 +295,7 @@ class IDKLLoss(nn.Module):
         gradient). check_batch_layout: validate the batch in :func:`canonical_views`.
 
     ``forward(outputs, pids, modalities)`` takes the train-mode dict of
-    :class:`torchreid_vi.models.idkl.IDKLNet` and returns float32 scalars::
+    :class:`torchreid_vi.methods.idkl.model.IDKLNet` and returns float32 scalars::
 
         loss     total = tri + ce + id_pl + w_D·unad + w_C·pse + λ1·(F_p + IN_p)
                          + [tgsa]·soft_dt + bg_kl + sm_kl
@@ -312,13 +307,11 @@ class IDKLLoss(nn.Module):
         acc      ID accuracy of z_sh in percent (not differentiable)
     """
 
-    def __init__(self, num_instances: int, margin: float = 1.3, ip_weight: float = 0.1,
-                 ip_loss_form: str = 'code', tgsa_enabled: bool = True,
-                 tgsa_distill_weight: float = 0.6, tgsa_mdr_weights: Sequence[float] = (1.0, 1.0, 1.0),
-                 tgsa_cross_mode: str = 'mixed_set', csa_weight: float = 0.8,
-                 csa_set_level: bool = True, mdr_logit_weight: float = 1.0,
-                 discriminator_weight: float = 1.0, confuser_weight: float = 1.0,
-                 confuser_mode: str = 'pseudo', check_batch_layout: bool = True):
+    def __init__(self, *, num_instances: int, margin: float, ip_weight: float,
+                 ip_loss_form: str, tgsa_enabled: bool, tgsa_distill_weight: float,
+                 tgsa_mdr_weights: Sequence[float], tgsa_cross_mode: str, csa_weight: float,
+                 csa_set_level: bool, mdr_logit_weight: float, discriminator_weight: float,
+                 confuser_weight: float, confuser_mode: str, check_batch_layout: bool):
         super().__init__()
         for key, value, allowed in (('idkl.ip.loss_form', ip_loss_form, LOSS_FORMS),
                                     ('idkl.tgsa.cross_mode', tgsa_cross_mode, CROSS_MODES),
@@ -345,6 +338,22 @@ class IDKLLoss(nn.Module):
         self.confuser_mode = confuser_mode
         self.check_batch_layout = bool(check_batch_layout)
 
+    @classmethod
+    def from_config(cls, cfg, **overrides) -> 'IDKLLoss':
+        """The loss of ``cfg.idkl`` with m = ``sampler.num_instances``; ``overrides`` replace
+        single arguments (e.g. ``confuser_mode='grl'``)."""
+        c = cfg.idkl
+        kwargs = dict(
+            num_instances=cfg.sampler.num_instances, margin=c.triplet.margin,
+            ip_weight=c.ip.weight, ip_loss_form=c.ip.loss_form, tgsa_enabled=c.tgsa.enabled,
+            tgsa_distill_weight=c.tgsa.distill_weight, tgsa_mdr_weights=tuple(c.tgsa.mdr_weights),
+            tgsa_cross_mode=c.tgsa.cross_mode, csa_weight=c.csa.weight,
+            csa_set_level=c.csa.set_level, mdr_logit_weight=c.mdr.logit_weight,
+            discriminator_weight=c.discriminator.weight, confuser_weight=c.confuser.weight,
+            confuser_mode=c.confuser.mode, check_batch_layout=c.check_batch_layout)
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
     def forward(self, outputs: Dict[str, torch.Tensor], pids: torch.Tensor,
                 modalities: torch.Tensor) -> Dict[str, torch.Tensor]:
         views = canonical_views(pids, modalities, self.num_instances, self.check_batch_layout)
@@ -356,8 +365,10 @@ class IDKLLoss(nn.Module):
         f_sh, f_sp = outputs['f_sh'].float(), outputs['f_sp'].float()
         z_sh, z_sp = outputs['z_sh'].float(), outputs['z_sp'].float()
         terms = {}
-        terms['tri_sh'] = batch_hard_triplet(pairwise_euclidean(f_sh, f_sh), pids, pids, self.margin).mean()
-        terms['tri_sp'] = batch_hard_triplet(pairwise_euclidean(f_sp, f_sp), pids, pids, self.margin).mean()
+        terms['tri_sh'] = batch_hard_triplet(pairwise_distance(f_sh, f_sh, eps=TRIPLET_EPS), pids, pids,
+                                            self.margin).mean()
+        terms['tri_sp'] = batch_hard_triplet(pairwise_distance(f_sp, f_sp, eps=TRIPLET_EPS), pids, pids,
+                                            self.margin).mean()
         terms['tri'] = terms['tri_sh'] + terms['tri_sp']
         terms['ce'] = cross_entropy(z_sh, pids)
         terms['id_pl'] = cross_entropy(z_sp, pids)

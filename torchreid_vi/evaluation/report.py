@@ -8,7 +8,7 @@ The engine extracts features once for ``dataset.query`` (IR test images) and ``d
 
 Example:
     >>> import numpy as np
-    >>> from torchreid_vi.metrics.protocols import generic_settings
+    >>> from torchreid_vi.evaluation.protocols import generic_settings
     >>> ir = [('ir/a.jpg', 1, 2, 1), ('ir/b.jpg', 2, 2, 1)]
     >>> vis = [('v/a.jpg', 1, 1, 0), ('v/b.jpg', 2, 1, 0)]
     >>> dist = np.array([[0.1, 0.9], [0.8, 0.2]])
@@ -25,9 +25,9 @@ from typing import Callable, Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from .protocols import EvalSetting, _fields
-from .rank import (DEFAULT_REPORT_RANKS, CrossModalResult, _as_distance_matrix,
-                   _rows_contiguous, evaluate_cross_modal)
+from .metrics import (DEFAULT_REPORT_RANKS, CrossModalResult, _as_distance_matrix,
+                      _rows_contiguous, evaluate_cross_modal)
+from .protocols.common import EvalSetting, record_fields
 
 __all__ = ['SettingResult', 'evaluate_settings', 'format_table']
 
@@ -94,7 +94,7 @@ def _record_fields(records: Sequence, what: str):
     """(pids, camids) of a non-empty record list (the parsing lives in protocols)."""
     if len(records) == 0:
         raise ValueError(f'{what} is empty')
-    return _fields(records, what)
+    return record_fields(records, what)
 
 
 def _check_indices(idx: np.ndarray, size: int, what: str) -> None:

@@ -1,4 +1,4 @@
-"""Loss building blocks shared by every method: distances, batch-hard triplet, symmetric KL.
+"""Loss building blocks shared by every method: batch-hard triplet, symmetric KL, cross entropy.
 
 All functions are vectorised (no Python loop over samples or identities) and free of host-device
 synchronisation, so they are safe in the training step.
@@ -6,10 +6,11 @@ synchronisation, so they are safe in the training step.
 Example::
 
     >>> import torch
-    >>> from torchreid_vi.losses.common import pairwise_euclidean, batch_hard_triplet, symmetric_kl
+    >>> from torchreid_vi.modeling.losses import batch_hard_triplet, symmetric_kl
+    >>> from torchreid_vi.utils.distance import pairwise_distance
     >>> f = torch.tensor([[0., 0.], [0., 1.], [3., 0.], [3., 1.]])
     >>> y = torch.tensor([0, 0, 1, 1])
-    >>> d = pairwise_euclidean(f, f)
+    >>> d = pairwise_distance(f, f, eps=1e-12)
     >>> batch_hard_triplet(d, y, y, margin=0.3).tolist()   # hardest pos 1, hardest neg 3
     [0.0, 0.0, 0.0, 0.0]
     >>> float(symmetric_kl(torch.zeros(2, 5), torch.zeros(2, 5)))
@@ -20,23 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ['pairwise_euclidean', 'batch_hard_triplet', 'symmetric_kl', 'cross_entropy']
+__all__ = ['batch_hard_triplet', 'symmetric_kl', 'cross_entropy', 'TRIPLET_EPS']
 
-
-def pairwise_euclidean(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Euclidean distances ``sqrt(max(|x_i|^2 + |y_j|^2 - 2 x_i.y_j, eps))``.
-
-    Args:
-        x: ``(n, d)``; y: ``(m, d)``; computed in float32 or wider.
-        eps: clamp before the square root; keeps the gradient finite at zero distance
-            (``sqrt(1e-12) = 1e-6`` is the distance of a sample to itself).
-
-    Returns: ``(n, m)`` distances.
-    """
-    x = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    y = y.float() if y.dtype in (torch.float16, torch.bfloat16) else y
-    sq = x.pow(2).sum(1, keepdim=True) + y.pow(2).sum(1).unsqueeze(0) - 2.0 * (x @ y.t())
-    return sq.clamp(min=eps).sqrt()
+# Clamp of the squared distance in batch-hard triplets: a sample is sqrt(1e-12) = 1e-6 from
+# itself, as in the reference implementations (keeps the gradient finite).
+TRIPLET_EPS = 1e-12
 
 
 def batch_hard_triplet(dist: torch.Tensor, anchor_labels: torch.Tensor,

@@ -10,10 +10,11 @@ Structure (spec ``xiv.md`` §2–3)::
   (``mean``, ``gray``, ``hsv_v``, ``ycbcr_y``) replace it without changing the parameter set, so
   a state dict loads whatever the generator kind.
 * Any torchreid backbone whose ``forward`` ends in a pooled vector and which keeps its classifier
-  in ``.classifier`` can be wrapped (:func:`torchreid_backbone`); :func:`register_xiv_backbone`
-  registers ``xiv_<name>`` in torchreid's model factory in one line.
-* **Train mode**: ``model(images)`` returns ``(logits, t)`` when ``model.loss == 'triplet'``
-  (torchreid's convention, what the XIV engine uses) and ``logits`` when ``'softmax'``.
+  in ``.classifier`` can be wrapped (:func:`~torchreid_vi.modeling.backbones.pooled_backbone`);
+  :func:`register_xiv_backbone` registers ``xiv_<name>`` in torchreid's model factory in one line.
+* **Train mode**: ``model(ir, visible=vis)`` is XIV's step: one backbone pass over ``[I, g(V), V]``
+  returning ``(logits, t)``; ``model(images)`` follows torchreid's convention (``(logits, t)``
+  when ``model.loss == 'triplet'``, ``logits`` when ``'softmax'``).
 * **Eval mode**: ``model(images)`` returns ``(B, D)`` features, the BNNeck output ``b`` by
   default (``test_feature='bn'``) or the pre-BN ``t`` (``'pre_bn'``);
   ``model(images, x_view=True)`` returns the features of the X images ``f(g(images))`` (test-time
@@ -29,7 +30,7 @@ Registered model names (:func:`register_models`):
 Example::
 
     >>> import torch
-    >>> from torchreid_vi.models.xiv import xiv_resnet18
+    >>> from torchreid_vi.methods.xiv.model import xiv_resnet18
     >>> net = xiv_resnet18(num_classes=4, pretrained=False).eval()
     >>> images = torch.rand(2, 3, 64, 32)
     >>> tuple(net(images).shape), tuple(net(images, x_view=True).shape)
@@ -39,28 +40,18 @@ Example::
 """
 from __future__ import annotations
 
-import logging
-import re
-from typing import Callable, Dict, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from .._torchreid import tr
-from .layers import BNNeck
+from ...modeling.backbones import (IMAGENET_MEAN, IMAGENET_STD, pooled_backbone,
+                                   torchreid_densenet121, torchreid_resnet)
+from ...modeling.layers import BNNeck
+from .config import GENERATOR_KINDS, TEST_FEATURES
 
-__all__ = [
-    'GENERATOR_KINDS', 'TEST_FEATURES', 'IMAGENET_MEAN', 'IMAGENET_STD',
-    'XGenerator', 'XIVNet', 'torchreid_backbone', 'register_xiv_backbone', 'register_models',
-    'xiv_resnet50', 'xiv_resnet18', 'xiv_densenet121', 'load_matching_weights',
-]
-
-logger = logging.getLogger(__name__)
-
-GENERATOR_KINDS = ('learned', 'mean', 'gray', 'hsv_v', 'ycbcr_y', 'none')
-TEST_FEATURES = ('bn', 'pre_bn')
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+__all__ = ['XGenerator', 'XIVNet', 'register_xiv_backbone', 'register_models', 'xiv_resnet50',
+           'xiv_resnet18', 'xiv_densenet121']
 
 # Luma of ITU-R BT.601 as PIL's convert('L') computes it (torchvision's rgb_to_grayscale uses
 # 0.2989/0.587/0.114, the same to 4 decimals).
@@ -178,20 +169,23 @@ class XIVNet(nn.Module):
 
     Args:
         backbone: module mapping ``(B, 3, H, W)`` → pooled ``(B, feature_dim)`` in train and eval
-            mode (e.g. :func:`torchreid_backbone`).
+            mode (e.g. :func:`~torchreid_vi.modeling.backbones.pooled_backbone`).
         feature_dim: D, the backbone's pooled dimension.
         num_classes: training identities (the classifier's outputs).
         loss: ``'triplet'`` (train mode returns ``(logits, t)``) or ``'softmax'`` (``logits``).
-        generator: see :class:`XGenerator`.
-        test_feature: ``'bn'`` (BNNeck output, default) or ``'pre_bn'`` (``t``) in eval mode.
+        generator, norm_mean, norm_std: see :class:`XGenerator` (``cfg.xiv.generator``,
+            ``cfg.data.norm_mean/norm_std``).
+        test_feature: ``'bn'`` (BNNeck output) or ``'pre_bn'`` (``t``) in eval mode
+            (``cfg.xiv.test_feature``).
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int,
-                 loss: str = 'triplet', generator: str = 'learned', test_feature: str = 'bn'):
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: int, *, loss: str,
+                 generator: str, test_feature: str, norm_mean: Sequence[float] = IMAGENET_MEAN,
+                 norm_std: Sequence[float] = IMAGENET_STD):
         super().__init__()
         if num_classes < 1:
             raise ValueError(f'XIVNet needs num_classes >= 1, got {num_classes}')
-        self.generator = XGenerator(generator)
+        self.generator = XGenerator(generator, norm_mean, norm_std)
         self.backbone = backbone
         self.neck = BNNeck(feature_dim)
         self.classifier = nn.Linear(feature_dim, num_classes, bias=False)
@@ -221,116 +215,67 @@ class XIVNet(nn.Module):
             raise ValueError(f'xiv.test_feature must be one of {TEST_FEATURES}, got {name!r}')
         self._test_feature = name
 
-    @property
-    def has_x(self) -> bool:
-        """False when the generator kind is ``'none'`` (no X modality)."""
-        return self.generator.kind != 'none'
-
     def make_x(self, visible: torch.Tensor) -> torch.Tensor:
         """X images ``g(V)``: ``(B, 3, H, W)`` normalised → ``(B, 3, H, W)`` normalised."""
         return self.generator(visible)
 
-    def forward(self, images: torch.Tensor, x_view: bool = False):
+    def forward(self, images: torch.Tensor, x_view: bool = False, *,
+                visible: Optional[torch.Tensor] = None, use_x: bool = True):
         """Args:
             images: ``(B, 3, H, W)`` normalised images.
             x_view: pass the images through the generator first (features of ``g(images)``).
+            visible: training only, the cross-modal step: ``images`` are the M infrared images,
+                ``visible`` the M visible ones; the backbone sees one batch ``[I, g(V), V]``
+                (``use_x``) or ``[I, V]``, so BatchNorm statistics cover every modality and the
+                generator is trained through the learner inside this forward (DDP sees it).
 
-        Returns: eval mode ``(B, D)``; train mode ``(logits (B, C), t (B, D))`` or ``logits``.
+        Returns: eval mode ``(B, D)``; train mode ``(logits (B, C), t (B, D))`` (always with
+        ``visible``; else when ``loss == 'triplet'``) or ``logits``.
         """
         if x_view:
             images = self.make_x(images)
+        if visible is not None:
+            if not self.training:
+                raise RuntimeError('XIVNet(visible=...) is the training step; call it in train '
+                                   'mode')
+            blocks = [images, self.make_x(visible), visible] if use_x else [images, visible]
+            images = torch.cat(blocks)
         t = self.backbone(images)
         if t.dim() != 2:
             raise RuntimeError(f'the XIV backbone must return pooled (B, D) features, got '
                                f'{tuple(t.shape)}')
         if not self.training:
-            return self.neck(t) if self._test_feature == 'bn' else t
+            return self.neck(t) if self.test_feature == 'bn' else t
         logits = self.classifier(self.neck(t))
-        return (logits, t) if self._loss == 'triplet' else logits
+        return (logits, t) if self.loss == 'triplet' or visible is not None else logits
 
 
 # ---------------------------------------------------------------------------------------------
-# Backbones
+# Backbones and the model factory
 
-
-def torchreid_backbone(model: nn.Module) -> Tuple[nn.Module, int]:
-    """Turn a torchreid classification model into a pooled-feature backbone.
-
-    torchreid models (ResNet, DenseNet, OSNet, ...) return the pooled vector ``v`` in eval mode and
-    ``classifier(v)`` in train mode with ``loss='softmax'``; replacing ``classifier`` by identity
-    makes them return ``v`` in both modes. Returns ``(model, model.feature_dim)``.
-    """
-    if not hasattr(model, 'classifier') or not hasattr(model, 'feature_dim'):
-        raise TypeError(f'{type(model).__name__} has no .classifier/.feature_dim; wrap it in a '
-                        f'module that returns pooled (B, D) features instead')
-    model.classifier = nn.Identity()
-    model.loss = 'softmax'
-    return model, int(model.feature_dim)
-
-
-_DENSENET_OLD_KEY = re.compile(  # old torchvision names: 'denselayer1.norm.1.weight'
-    r'^(.*denselayer\d+\.(?:norm|relu|conv))\.'
-    r'((?:[12])\.(?:weight|bias|running_mean|running_var))$')
-
-
-def load_matching_weights(module: nn.Module, state_dict: Dict[str, torch.Tensor], what: str,
-                          min_fraction: float = 0.9) -> int:
-    """Copy the entries of ``state_dict`` whose name and shape match ``module``'s.
-
-    Old torchvision DenseNet keys (``denselayer1.norm.1.weight``) are renamed first. Raises
-    ``RuntimeError`` when fewer than ``min_fraction`` of the module's tensors were found (wrong
-    file for this architecture). Returns the number of tensors loaded.
-    """
-    renamed = {}
-    for key, value in state_dict.items():
-        m = _DENSENET_OLD_KEY.match(key)
-        renamed[m.group(1) + m.group(2) if m else key] = value
-    own = module.state_dict()
-    matched = {k: v for k, v in renamed.items() if k in own and own[k].shape == v.shape}
-    wanted = [k for k in own if not k.endswith('num_batches_tracked')]
-    found = sum(k in matched for k in wanted)
-    if found < min_fraction * len(wanted):
-        raise RuntimeError(f'ImageNet weights of {what}: only {found} of {len(wanted)} tensors '
-                           f'match the backbone by name and shape; wrong file for this '
-                           f'architecture?')
-    module.load_state_dict(matched, strict=False)
-    logger.info('loaded %d/%d ImageNet tensors of %s', found, len(wanted), what)
-    return found
-
-
-def _resnet_backbone(block: str, layers: Sequence[int], url_name: str, what: str):
+def _resnet(arch: str) -> Callable[[bool], Tuple[nn.Module, int]]:
     def build(pretrained: bool) -> Tuple[nn.Module, int]:
-        resnet = tr.module('models.resnet')
-        model = resnet.ResNet(num_classes=1, loss='softmax', block=getattr(resnet, block),
-                              layers=list(layers), last_stride=1, fc_dims=None)
-        if pretrained:
-            from .. import pretrained as weights
-            load_matching_weights(model, weights.load_imagenet_state_dict(
-                getattr(weights, url_name), what), what)
-        return torchreid_backbone(model)
+        return pooled_backbone(torchreid_resnet(arch, last_stride=1, pretrained=pretrained))
+    build.__name__ = f'{arch}_backbone'
     return build
 
 
-def _densenet121_backbone(pretrained: bool) -> Tuple[nn.Module, int]:
-    densenet = tr.module('models.densenet')
-    model = densenet.DenseNet(num_classes=1, loss='softmax', num_init_features=64, growth_rate=32,
-                              block_config=(6, 12, 24, 16), fc_dims=None, dropout_p=None)
-    if pretrained:
-        from .. import pretrained as weights
-        what = 'densenet121 (torchvision)'
-        load_matching_weights(model, weights.load_imagenet_state_dict(
-            weights.DENSENET121_URL, what), what)
-    return torchreid_backbone(model)
+def _densenet121(pretrained: bool) -> Tuple[nn.Module, int]:
+    return pooled_backbone(torchreid_densenet121(pretrained=pretrained))
 
 
-resnet50_backbone = _resnet_backbone('Bottleneck', (3, 4, 6, 3), 'RESNET50_V1_URL',
-                                     'resnet50 (torchvision V1)')
-resnet18_backbone = _resnet_backbone('BasicBlock', (2, 2, 2, 2), 'RESNET18_URL',
-                                     'resnet18 (torchvision)')
+resnet50_backbone = _resnet('resnet50')
+resnet18_backbone = _resnet('resnet18')
 
-# name -> model factory, so registering the same backbone twice returns the same object
-# (torchreid_vi.registry treats re-registration of an identical object as a no-op).
+# name -> (backbone function, model factory), so registering the same backbone twice returns the
+# same factory (torchreid_vi.registry treats re-registration of one object as a no-op).
 _FACTORIES: Dict[str, Tuple[Callable, Callable]] = {}
+
+
+def _default_model_options() -> dict:
+    from ...config import get_default_config
+    from .config import model_options
+    return model_options(get_default_config())
 
 
 def register_xiv_backbone(name: str, backbone_fn: Callable[[bool], Tuple[nn.Module, int]],
@@ -341,14 +286,16 @@ def register_xiv_backbone(name: str, backbone_fn: Callable[[bool], Tuple[nn.Modu
         name: backbone name; the model is registered as ``'xiv_' + name``.
         backbone_fn: ``backbone_fn(pretrained: bool) -> (module, feature_dim)`` where ``module``
             maps ``(B, 3, H, W)`` → ``(B, feature_dim)`` in train and eval mode; for a torchreid
-            model use :func:`torchreid_backbone`, e.g.
-            ``register_xiv_backbone('osnet', lambda p: torchreid_backbone(
+            model use :func:`~torchreid_vi.modeling.backbones.pooled_backbone`, e.g.
+            ``register_xiv_backbone('osnet', lambda p: pooled_backbone(
             tr.models.build_model('osnet_x1_0', 1, pretrained=p)))``.
 
     Returns: the factory ``fn(num_classes, loss='triplet', pretrained=True, use_gpu=True,
-    generator='learned', test_feature='bn')``.
+    **options)`` where ``options`` are :func:`~torchreid_vi.methods.xiv.config.model_options`
+    (generator, test_feature, norm_mean, norm_std; defaults: the default config's).
     """
-    from ..registry import register_model
+    from ...registry import register_model
+    from .config import model_options
 
     model_name = name if name.startswith('xiv_') else f'xiv_{name}'
     cached = _FACTORIES.get(model_name)
@@ -356,44 +303,46 @@ def register_xiv_backbone(name: str, backbone_fn: Callable[[bool], Tuple[nn.Modu
         if cached[0] is not backbone_fn:
             raise ValueError(f'XIV backbone "{model_name}" is already registered to a different '
                              f'backbone function (pass overwrite=True to replace it)')
-        return register_model(model_name, cached[1])
+        return register_model(model_name, cached[1], options=model_options)
 
-    def factory(num_classes, loss='triplet', pretrained=True, use_gpu=True,
-                generator='learned', test_feature='bn', **unknown):
+    def factory(num_classes, loss='triplet', pretrained=True, use_gpu=True, **options):
+        settings = _default_model_options()
+        unknown = sorted(set(options) - set(settings))
         if unknown:
-            raise TypeError(f'{model_name}() got unexpected options {sorted(unknown)}; it takes '
-                            f'num_classes, loss, pretrained, use_gpu, generator, test_feature')
+            raise TypeError(f'{model_name}() got unexpected options {unknown}; it takes '
+                            f'num_classes, loss, pretrained, use_gpu, {", ".join(settings)}')
+        settings.update(options)
         backbone, dim = backbone_fn(bool(pretrained))
         # torchreid's build_model passes cfg.loss.name; any name other than 'softmax' (e.g. the
-        # engine's own) means "logits and features", which is what the XIV engine needs.
-        return XIVNet(backbone, dim, num_classes, loss='softmax' if loss == 'softmax'
-                      else 'triplet', generator=generator, test_feature=test_feature)
+        # engine's own) means "logits and features".
+        return XIVNet(backbone, dim, num_classes,
+                      loss='softmax' if loss == 'softmax' else 'triplet', **settings)
 
     factory.__name__ = model_name
     factory.__qualname__ = f'xiv_model_factory[{model_name}]'
-    factory.__doc__ = f'XIV network on the "{name}" backbone (see torchreid_vi.models.xiv).'
+    factory.__doc__ = f'XIV network on the "{name}" backbone (see torchreid_vi.methods.xiv).'
     _FACTORIES[model_name] = (backbone_fn, factory)
-    return register_model(model_name, factory, overwrite=overwrite)
+    return register_model(model_name, factory, options=model_options, overwrite=overwrite)
 
 
-def _direct(backbone_fn, name):
-    def build(num_classes, loss='triplet', pretrained=True, use_gpu=True, **kwargs) -> XIVNet:
+def _direct(name):
+    def build(num_classes, loss='triplet', pretrained=True, use_gpu=True, **options) -> XIVNet:
         if name not in _FACTORIES:
             register_models()
         return _FACTORIES[name][1](num_classes, loss=loss, pretrained=pretrained,
-                                   use_gpu=use_gpu, **kwargs)
+                                   use_gpu=use_gpu, **options)
     build.__name__ = name
     build.__doc__ = f'Build ``{name}`` (same arguments as the registered factory).'
     return build
 
 
-xiv_resnet50 = _direct(resnet50_backbone, 'xiv_resnet50')
-xiv_resnet18 = _direct(resnet18_backbone, 'xiv_resnet18')
-xiv_densenet121 = _direct(_densenet121_backbone, 'xiv_densenet121')
+xiv_resnet50 = _direct('xiv_resnet50')
+xiv_resnet18 = _direct('xiv_resnet18')
+xiv_densenet121 = _direct('xiv_densenet121')
 
 
 def register_models():
     """Register ``xiv_resnet50``, ``xiv_densenet121`` and ``xiv_resnet18`` (idempotent)."""
     register_xiv_backbone('resnet50', resnet50_backbone)
-    register_xiv_backbone('densenet121', _densenet121_backbone)
+    register_xiv_backbone('densenet121', _densenet121)
     register_xiv_backbone('resnet18', resnet18_backbone)

@@ -3,7 +3,7 @@ intensity histograms of visible vs X images (paper Fig. 3).
 
 Usage::
 
-    python -m torchreid_vi.tools.xiv_figures --config-file configs/xiv/sysu_mm01.yaml \\
+    python -m torchreid_vi.methods.xiv.figures --config-file xiv/sysu_mm01 \\
         --root /data --load-weights log/xiv_sysu/model/model.pth.tar-120 --out figures/
         [--num-ids 6] [--max-images 2000] [key value ...]
 
@@ -33,8 +33,8 @@ _CHANNELS = (('R', 'tab:red'), ('G', 'tab:green'), ('B', 'tab:blue'))
 
 
 def _config(args):
-    from ..cli import UserError, build_config
-    from ..registration import register_all
+    from ...cli import UserError, build_config
+    from ...registration import register_all
     register_all()
     try:
         return build_config(args)
@@ -44,16 +44,16 @@ def _config(args):
 
 def load_generator(cfg, weights: str):
     """The config's X generator with the weights of checkpoint ``weights`` (``''``: untrained)."""
-    from ..checkpoint import load_checkpoint
-    from ..models.xiv import XGenerator
+    from ...checkpoint import load_checkpoint
+    from ...utils.state_dict import sub_state_dict
+    from .model import XGenerator
     if cfg.xiv.generator == 'none':
         raise SystemExit('error: xiv.generator is "none": there is no X modality to draw')
     g = XGenerator(cfg.xiv.generator, cfg.data.norm_mean, cfg.data.norm_std)
     if weights:
         ckpt = load_checkpoint(weights)
         state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else ckpt
-        own = {k.split('generator.', 1)[1]: v for k, v in state.items()
-               if k.replace('module.', '', 1).startswith('generator.')}
+        own = sub_state_dict(state, 'generator.')
         if not own:
             raise SystemExit(f'error: "{weights}" holds no XIV generator weights '
                              f'(no "generator.*" keys); is it an xiv_* model checkpoint?')
@@ -64,12 +64,11 @@ def load_generator(cfg, weights: str):
 
 
 def _train_records(cfg):
-    from .._torchreid import tr
-    from ..config import dataset_options
+    from ...config import dataset_options
+    from ...registry import DATASETS
     name = cfg.data.sources[0]
-    options = dataset_options(cfg).get(name, {})
-    dataset = tr.module('data.datasets').init_image_dataset(
-        name, root=cfg.data.root, mode='train', verbose=False, **options)
+    dataset = DATASETS.get(name)(root=cfg.data.root, mode='train', verbose=False,
+                                 **dataset_options(cfg).get(name, {}))
     return dataset.train
 
 
@@ -140,7 +139,7 @@ def plot_triplets(rows: List[tuple], path: str) -> None:
 
 
 def main(argv=None) -> int:
-    from ..cli import build_parser
+    from ...cli import build_parser
     p = build_parser()
     p.description = __doc__.split('\n')[0]
     p.add_argument('--load-weights', default='', help='XIV checkpoint (model.pth.tar-N)')
@@ -153,7 +152,7 @@ def main(argv=None) -> int:
     cfg = _config(args)
     generator = load_generator(cfg, args.load_weights)
     records = _train_records(cfg)
-    from ..data.base import INFRARED, VISIBLE
+    from ...data.base import INFRARED, VISIBLE
     vis = [r for r in records if r[3] == VISIBLE]
     ir = [r for r in records if r[3] == INFRARED]
     if not vis or not ir:

@@ -19,7 +19,7 @@ Structure (spec ``idkl.md`` §2)::
 * **Eval mode** runs Θ, Φ, GeM and BN_sh only and returns ``b_sh`` of shape ``(B, D)`` for every
   ``B`` (including 1); the specific branch, purifier, classifiers, D and Q are not executed.
 * **Train mode** returns a dict of tensors (see :meth:`IDKLNet.forward`) consumed by
-  :class:`torchreid_vi.losses.idkl.IDKLLoss`.
+  :class:`torchreid_vi.methods.idkl.loss.IDKLLoss`.
 
 Registered model names (see :func:`register_models`):
 
@@ -32,7 +32,7 @@ Registered model names (see :func:`register_models`):
 Example::
 
     >>> import torch
-    >>> from torchreid_vi.models.idkl import idkl_resnet18
+    >>> from torchreid_vi.methods.idkl.model import idkl_resnet18
     >>> net = idkl_resnet18(num_classes=4, pretrained=False).eval()
     >>> tuple(net(torch.rand(1, 3, 64, 32)).shape)
     (1, 512)
@@ -41,30 +41,17 @@ from __future__ import annotations
 
 import copy
 from collections import OrderedDict
-from typing import Dict, NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
-from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from ..pretrained import RESNET18_URL, RESNET50_V1_URL
-from .layers import BNNeck, GeM, grad_reverse
+from ...modeling.backbones import RESNET_LAYERS, torchreid_resnet
+from ...modeling.layers import BNNeck, GeM, grad_reverse
+from .config import CONFUSER_MODES, MASK_MODES
 
-__all__ = [
-    'IDKLNet', 'InformationPurifier', 'ModalityHead', 'PurifierOutput',
-    'idkl_resnet50', 'idkl_resnet18', 'register_models',
-    'MASK_MODES', 'CONFUSER_MODES', 'RESNET_URLS',
-]
-
-MASK_MODES = ('pixel', 'se')
-CONFUSER_MODES = ('pseudo', 'grl')
-
-# ImageNet-1k V1 weights of torchvision (ResNet-50: the file the released code loads).
-RESNET_URLS = {'resnet50': RESNET50_V1_URL, 'resnet18': RESNET18_URL}
-_ARCHS = {
-    'resnet50': (Bottleneck, (3, 4, 6, 3)),
-    'resnet18': (BasicBlock, (2, 2, 2, 2)),
-}
+__all__ = ['IDKLNet', 'InformationPurifier', 'ModalityHead', 'PurifierOutput', 'idkl_resnet50',
+           'idkl_resnet18', 'register_models']
 
 
 class PurifierOutput(NamedTuple):
@@ -158,50 +145,43 @@ class ModalityHead(nn.Module):
         return self.net(x)
 
 
-def _set_last_stride_one(layer4: nn.Sequential):
-    # torchvision puts the stride of a Bottleneck on its 3×3 conv2 (ResNet "V1.5") and of a
-    # BasicBlock on conv1; the shortcut's 1×1 conv carries it too.
-    block = layer4[0]
-    conv = block.conv2 if isinstance(block, Bottleneck) else block.conv1
-    conv.stride = (1, 1)
-    if block.downsample is not None:
-        block.downsample[0].stride = (1, 1)
-
-
 class IDKLNet(nn.Module):
     """The IDKL two-branch network.
 
     Args:
         num_classes: training identities C (classifier width).
         arch: ``'resnet50'`` (paper) or ``'resnet18'`` (small CPU variant, not the paper's).
-        pretrained: load torchvision's ImageNet-1k V1 weights (through
-            :func:`torchreid_vi.pretrained.load_imagenet_state_dict`; offline this raises
+        pretrained: load torchvision's ImageNet-1k V1 weights
+            (:func:`torchreid_vi.modeling.backbones.load_imagenet_weights`; offline this raises
             ``PretrainedWeightsUnavailable``). ``False`` never touches the network.
-        mask_mode: purifier masks, ``'pixel'`` (code) or ``'se'`` (paper).
+        mask_mode: purifier masks, ``'pixel'`` (code) or ``'se'`` (paper) — ``idkl.ip.mask_mode``.
         confuser_mode: ``'pseudo'`` (code: Q sees b_sh directly) or ``'grl'`` (paper: Q sees
-            GRL_α(b_sh), reversing its gradient into the backbone).
-        grl_alpha: α of the gradient reversal in ``grl`` mode.
+            GRL_α(b_sh), reversing its gradient into the backbone) — ``idkl.confuser.mode``.
+        grl_alpha: α of the gradient reversal in ``grl`` mode — ``idkl.confuser.grl_alpha``.
         reduction: purifier mask bottleneck ratio.
+
+    ``mask_mode``, ``confuser_mode`` and ``grl_alpha`` default to the default config's values.
 
     Attributes used by the engine and tests: ``feature_dim``, ``shallow`` (Θ), ``shared_deep``
     (Φ), ``specific_deep`` (Ψ), ``purifier``, ``bnneck_sh``/``bnneck_sp``, ``classifier_sh``/
     ``classifier_sp``/``classifier_e``, ``discriminator`` (D), ``confuser`` (Q).
     """
 
-    def __init__(self, num_classes: int, arch: str = 'resnet50', pretrained: bool = True,
-                 mask_mode: str = 'pixel', confuser_mode: str = 'pseudo', grl_alpha: float = 1.0,
-                 reduction: int = 16):
+    def __init__(self, num_classes: int, arch: str = 'resnet50', pretrained: bool = True, *,
+                 mask_mode: Optional[str] = None, confuser_mode: Optional[str] = None,
+                 grl_alpha: Optional[float] = None, reduction: int = 16):
         super().__init__()
-        if arch not in _ARCHS:
-            raise ValueError(f'IDKL arch must be one of {sorted(_ARCHS)}, got {arch!r}')
+        if arch not in RESNET_LAYERS:
+            raise ValueError(f'IDKL arch must be one of {sorted(RESNET_LAYERS)}, got {arch!r}')
         if not isinstance(num_classes, int) or num_classes < 1:
             raise ValueError(f'IDKL num_classes must be a positive int, got {num_classes!r}')
-        block, layers = _ARCHS[arch]
-        trunk = ResNet(block, list(layers))
-        if pretrained:
-            _load_imagenet(trunk, arch)
-        _set_last_stride_one(trunk.layer4)
-        dim = 512 * block.expansion
+        if mask_mode is None or confuser_mode is None or grl_alpha is None:
+            defaults = _default_model_options()
+            mask_mode = defaults['mask_mode'] if mask_mode is None else mask_mode
+            confuser_mode = defaults['confuser_mode'] if confuser_mode is None else confuser_mode
+            grl_alpha = defaults['grl_alpha'] if grl_alpha is None else grl_alpha
+        trunk = torchreid_resnet(arch, last_stride=1, pretrained=pretrained)
+        dim = trunk.feature_dim
         self.arch = arch
         self.feature_dim = dim
         self.num_classes = num_classes
@@ -274,39 +254,28 @@ class IDKLNet(nn.Module):
         }
 
 
-def _load_imagenet(trunk: ResNet, arch: str):
-    # Looked up at call time so the loader can be substituted (tests, offline mirrors).
-    from ..pretrained import load_imagenet_state_dict
-
-    state = load_imagenet_state_dict(RESNET_URLS[arch], f'torchvision {arch} ImageNet-1k V1 weights '
-                                                        f'for the IDKL backbone')
-    state = {k: v for k, v in state.items() if not k.startswith('fc.')}
-    missing, unexpected = trunk.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith('fc.')]
-    if missing or unexpected:
-        raise RuntimeError(
-            f'{RESNET_URLS[arch]} does not match torchvision {arch}: missing {missing[:5]}, '
-            f'unexpected {unexpected[:5]}')
+def _default_model_options() -> dict:
+    from ...config import get_default_config
+    from .config import model_options
+    return model_options(get_default_config())
 
 
-def _build(arch: str, num_classes: int, pretrained: bool, **kwargs) -> IDKLNet:
-    return IDKLNet(num_classes, arch=arch, pretrained=pretrained, **kwargs)
-
-
-def idkl_resnet50(num_classes, loss='idkl', pretrained=True, use_gpu=True, **kwargs) -> IDKLNet:
+def idkl_resnet50(num_classes, loss='idkl', pretrained=True, use_gpu=True, **options) -> IDKLNet:
     """IDKL on ResNet-50 (the paper's network). torchreid factory signature; ``loss`` and
-    ``use_gpu`` are accepted for compatibility and ignored (the engine owns the losses)."""
-    return _build('resnet50', num_classes, pretrained, **kwargs)
+    ``use_gpu`` are accepted for compatibility and ignored (the engine owns the losses);
+    ``options``: :func:`~torchreid_vi.methods.idkl.config.model_options`."""
+    return IDKLNet(num_classes, arch='resnet50', pretrained=pretrained, **options)
 
 
-def idkl_resnet18(num_classes, loss='idkl', pretrained=True, use_gpu=True, **kwargs) -> IDKLNet:
+def idkl_resnet18(num_classes, loss='idkl', pretrained=True, use_gpu=True, **options) -> IDKLNet:
     """IDKL structure on ResNet-18 BasicBlocks (512-d). For CPU demos/tests; not the paper's."""
-    return _build('resnet18', num_classes, pretrained, **kwargs)
+    return IDKLNet(num_classes, arch='resnet18', pretrained=pretrained, **options)
 
 
 def register_models():
     """Register ``idkl_resnet50`` and ``idkl_resnet18`` in torchreid's model factory (idempotent)."""
-    from ..registry import register_model
+    from ...registry import register_model
+    from .config import model_options
 
-    register_model('idkl_resnet50', idkl_resnet50)
-    register_model('idkl_resnet18', idkl_resnet18)
+    register_model('idkl_resnet50', idkl_resnet50, options=model_options)
+    register_model('idkl_resnet18', idkl_resnet18, options=model_options)
