@@ -61,7 +61,8 @@ def test_idkl_pipeline_equals_torchvision_composition_and_every_branch_occurs():
         resized, flipped, padded, cropped, _, normed, erased = steps[1:]
         events['flip' if np.array_equal(np.asarray(flipped),
                                         np.asarray(resized)[:, ::-1]) else 'no_flip'] += 1
-        if not np.array_equal(np.asarray(cropped), np.asarray(padded.crop((10, 10, 10 + W, 10 + H)))):
+        centre = padded.crop((10, 10, 10 + W, 10 + H))
+        if not np.array_equal(np.asarray(cropped), np.asarray(centre)):
             events['off_centre_crop'] += 1
         events['erased' if not torch.equal(erased, normed) else 'not_erased'] += 1
     assert min(events.values()) >= 10, events
@@ -125,7 +126,8 @@ def test_torchreid_random_erase_differs_from_tv_random_erasing():
     (['random_flip', 'pad_crop'], ['flip', 'pad', 'crop']),
     # tensor-stage names go after Normalize wherever they are listed, in their own order
     (['tv_random_erasing', 'random_flip', 'random_erase'], ['flip', '|', 'tv_erase', 'tr_erase']),
-    (['random_erase', 'color_jitter', 'tv_random_erasing'], ['jitter', '|', 'tr_erase', 'tv_erase']),
+    (['random_erase', 'color_jitter', 'tv_random_erasing'],
+     ['jitter', '|', 'tr_erase', 'tv_erase']),
 ])
 def test_order_within_each_stage_is_respected(names, steps):
     parts = {'pad': lambda: T.Pad(10, fill=127), 'crop': lambda: T.RandomCrop((H, W)),
@@ -154,7 +156,8 @@ def test_names_are_case_insensitive_and_a_string_is_one_name_like_torchreid():
     a, _ = build_transforms(H, W, ['Random_Flip', 'PAD_CROP'])
     b, _ = build_transforms(H, W, ['random_flip', 'pad_crop'])
     c, _ = build_transforms(H, W, 'random_flip')
-    d = T.Compose([T.Resize((H, W)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+    d = T.Compose([T.Resize((H, W)), T.RandomHorizontalFlip(), T.ToTensor(),
+                   T.Normalize(MEAN, STD)])
     for s, img in enumerate(images(10)):
         assert torch.equal(seeded(a, img, s), seeded(b, img, s))
         assert torch.equal(seeded(c, img, s), seeded(d, img, s))

@@ -41,10 +41,11 @@ Example::
     >>> train, test = build_transforms(256, 128, ['random_flip', 'pad_crop', 'tv_random_erasing'])
     >>> tuple(train(Image.new('RGB', (64, 128))).shape)
     (3, 256, 128)
-    >>> build_transforms(256, 128, ['random_flip', 'random_erasing'])
+    >>> build_transforms(256, 128, ['random_flip', 'random_erasing'])  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    ValueError: data.transforms: unknown transform 'random_erasing' (did you mean 'tv_random_erasing' or 'random_erase'?); registered transforms: color_jitter, pad_crop, random_crop, random_erase, random_flip, random_patch, tv_random_erasing
+    ValueError: data.transforms: unknown transform 'random_erasing' (did you mean \
+'tv_random_erasing' or 'random_erase'?); registered transforms: color_jitter, pad_crop, ...
 """
 from __future__ import annotations
 
@@ -219,7 +220,7 @@ def build_transforms(height: int, width: int,
     given. Test: ``Resize((height, width))`` → ``ToTensor`` → ``Normalize``. Both map a PIL RGB
     image to a float tensor of shape (3, height, width).
 
-    Differences from torchreid's: names keep the order given within each stage (torchreid uses a
+    Unlike torchreid's builder: names keep the order given within each stage (torchreid uses a
     fixed order: flip, crop, patch, jitter); unknown and repeated names raise ``ValueError``
     (torchreid ignores unknown names). As in torchreid, names are lower-cased, a single string is
     one name, ``None`` means no augmentation, and ``norm_mean``/``norm_std`` of ``None`` mean
