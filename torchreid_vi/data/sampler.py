@@ -85,8 +85,9 @@ class ModalityBalancedSampler(Sampler):
     others are logged once with their count. Fewer than P eligible identities raise.
 
     In ``'agw'`` and ``'cover'`` epochs, per identity and modality, K images are drawn without
-    replacement when it has at least K, else with replacement (duplicates in the batch; documented, not a crash). ``replace='always'``
-    always draws with replacement (AGW's ``IdentitySampler`` distribution).
+    replacement when it has at least K, else with replacement (duplicates in the batch;
+    documented, not a crash). ``replace='always'`` always draws with replacement (AGW's
+    ``IdentitySampler`` distribution).
 
     Epochs (``epoch_mode``):
         * ``'agw'``: ``floor(max(n_vis, n_ir) / (P·K)) + 1`` batches (n_* = images of eligible
