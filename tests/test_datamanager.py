@@ -51,9 +51,10 @@ def test_install_is_idempotent_and_lists_torchreid_samplers():
     vi_dm.install()
     register_all()
     assert mod.build_train_sampler is wrapped is vi_dm.build_train_sampler
-    # the sampler builder is the only torchreid function the plugin replaces
+    # the sampler and transform builders are the only torchreid functions the plugin replaces
     assert mod.init_image_dataset is tr.module('data.datasets').init_image_dataset
-    assert mod.build_transforms is tr.module('data.transforms').build_transforms
+    from torchreid_vi.data.transforms import build_transforms
+    assert mod.build_transforms is build_transforms
     names = set(list_samplers())
     assert set(vi_dm.TORCHREID_SAMPLERS) | {'ModalityBalancedSampler'} <= names
 

@@ -68,6 +68,21 @@ def test_idkl_pipeline_equals_torchvision_composition_and_every_branch_occurs():
     assert min(events.values()) >= 10, events
 
 
+def test_strong_baseline_pad_crop_pads_with_black_then_crops():
+    ours, _ = build_transforms(H, W, ['random_flip', 'pad_crop_zero'], MEAN, STD)
+    ref = T.Compose([T.Resize((H, W)), T.RandomHorizontalFlip(), T.Pad(10, fill=0),
+                     T.RandomCrop((H, W)), T.ToTensor(), T.Normalize(MEAN, STD)])
+    for seed, img in enumerate(images(30)):
+        assert torch.equal(seeded(ours, img, seed), seeded(ref, img, seed)), seed
+    # a white image shows the black border wherever the crop is off centre
+    black = (0 - torch.tensor(MEAN)) / torch.tensor(STD)
+    saw_border = False
+    for seed in range(20):
+        out = seeded(ours, Image.new('RGB', (W, H), (255, 255, 255)), seed)
+        saw_border |= bool(((out.permute(1, 2, 0) - black).abs().max(-1).values < 1e-6).any())
+    assert saw_border
+
+
 def test_idkl_pipeline_pads_with_grey_and_erases_with_zero_after_normalize():
     # A black image: grey 127 padding and the zero-valued erasing are both visible in the output.
     ours, _ = build_transforms(H, W, ['pad_crop', 'tv_random_erasing'], MEAN, STD)
@@ -167,7 +182,7 @@ def test_names_are_case_insensitive_and_a_string_is_one_name_like_torchreid():
 
 
 EXPECTED_BUILTINS = {'random_flip', 'random_crop', 'random_patch', 'color_jitter', 'random_erase',
-                     'pad_crop', 'tv_random_erasing'}
+                     'pad_crop', 'pad_crop_zero', 'tv_random_erasing'}
 
 
 @pytest.mark.parametrize('bad', ['random_erasing', 'randomflip', 'autoaugment'])

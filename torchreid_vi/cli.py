@@ -160,6 +160,8 @@ def build_config(args):
             raise UserError(f'options must be "key value" pairs, got an odd list: {args.opts}')
         try:
             cfg.merge_from_list(args.opts)
+        except ConfigError as exc:
+            raise UserError(str(exc)) from exc
         except (KeyError, ValueError, AssertionError) as exc:
             raise UserError(f'in command-line options: {exc}') from exc
     if cfg.loss.name == 'triplet' and cfg.loss.triplet.weight_x == 0 and cfg.train.fixbase_epoch:

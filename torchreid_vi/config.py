@@ -46,10 +46,18 @@ from .modeling.backbones import IMAGENET_MEAN, IMAGENET_STD
 from .registry import DATASETS, ENGINE_CONFIGS
 
 __all__ = ['Config', 'ConfigError', 'get_default_config', 'resolve_config_file',
-           'load_yaml_with_base', 'packaged_configs', 'dataset_options', 'BASE_KEY']
+           'load_yaml_with_base', 'packaged_configs', 'dataset_options', 'BASE_KEY', 'MOVED_KEYS']
 
 BASE_KEY = '_BASE_'
 _YAML_SUFFIX = '.yaml'
+# Keys of earlier versions (and of torchreid's default config) that moved: the error says where.
+MOVED_KEYS = {
+    'idkl.amp': 'train.amp (none | fp16 | bf16), the mixed precision of every engine',
+    'test.rerank': 'vi.eval.rerank (none | k_reciprocal | query_only)',
+    'video.seq_len': 'nothing: torchreid_vi trains on image datasets only',
+    'video.sample_method': 'nothing: torchreid_vi trains on image datasets only',
+    'video.pooling_method': 'nothing: torchreid_vi trains on image datasets only',
+}
 
 
 class ConfigError(ValueError):
@@ -57,11 +65,33 @@ class ConfigError(ValueError):
 
 
 class Config(CfgNode):
-    """yacs ``CfgNode`` whose ``merge_from_file`` understands ``_BASE_`` and packaged names."""
+    """yacs ``CfgNode`` whose ``merge_from_file`` understands ``_BASE_`` and packaged names, and
+    whose merges name the new home of a key that moved (:data:`MOVED_KEYS`)."""
 
     def merge_from_file(self, cfg_filename: str) -> None:
         path = resolve_config_file(cfg_filename)
-        self.merge_from_other_cfg(type(self)(load_yaml_with_base(path)))
+        data = load_yaml_with_base(path)
+        _check_moved(_flat_keys(data), f'config file "{path}"')
+        self.merge_from_other_cfg(type(self)(data))
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        _check_moved(list(cfg_list)[0::2], 'command-line options')
+        super().merge_from_list(cfg_list)
+
+
+def _flat_keys(data: dict, prefix: str = '') -> List[str]:
+    keys = []
+    for key, value in data.items():
+        keys.append(prefix + str(key))
+        if isinstance(value, dict):
+            keys += _flat_keys(value, f'{prefix}{key}.')
+    return keys
+
+
+def _check_moved(keys, where: str) -> None:
+    for key in keys:
+        if key in MOVED_KEYS:
+            raise ConfigError(f'{where}: {key} is no longer an option; use {MOVED_KEYS[key]}')
 
 
 # ------------------------------------------------------------------------------------------------
@@ -268,7 +298,7 @@ def _plugin_defaults(cfg: Config) -> None:
 
     cfg.vi.sampler = Config()
     cfg.vi.sampler.seed = -1  # ModalityBalancedSampler seed; -1 → train.seed
-    cfg.vi.sampler.epoch_mode = 'agw'  # 'agw' | 'cover'
+    cfg.vi.sampler.epoch_mode = 'agw'  # 'agw' | 'cover' | 'idkl' (the released IDKL sampler's)
     cfg.vi.sampler.replace = 'auto'  # 'auto' | 'always'
 
     cfg.vi.eval = Config()

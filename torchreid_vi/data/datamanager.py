@@ -10,11 +10,13 @@ attributes, loaders and printed summary) built by the plugin itself, so that
   ``ModalityBalancedSampler``);
 * ``test_datasets`` exposes the query dataset objects, whose protocol the evaluator reads.
 
-torchreid hard-codes its sampler names in ``build_train_sampler``; :func:`install` wraps that one
-function on torchreid's ``data.datamanager`` module so that a sampler registered with
-:func:`torchreid_vi.registry.register_sampler` also works in a plain
-``tr.data.ImageDataManager(train_sampler=<name>)`` (with the sampler's default options). That is
-the only torchreid function the plugin replaces.
+torchreid hard-codes its sampler and transform names in ``build_train_sampler`` and
+``build_transforms``; :func:`install` replaces those two functions on torchreid's
+``data.datamanager`` module with the plugin's registry-backed ones, so that a registered sampler
+(:func:`torchreid_vi.registry.register_sampler`) or transform
+(:func:`torchreid_vi.data.transforms.register_transform`) also works in a plain
+``tr.data.ImageDataManager`` (with the sampler's default options), and an unknown transform name
+is an error there too. Those are the only torchreid functions the plugin replaces.
 
 Example::
 
@@ -35,6 +37,7 @@ import torch
 from .._torchreid import tr
 from ..registry import DATASETS, SAMPLERS, register_sampler
 from .base import CrossModalDataset
+from .transforms import build_transforms
 
 __all__ = ['install', 'build_train_sampler', 'CrossModalImageDataManager', 'TORCHREID_SAMPLERS']
 
@@ -98,14 +101,11 @@ def build_train_sampler(data_source, train_sampler, batch_size=32, num_instances
     return factory(data_source, batch_size, num_instances, **_accepted_kwargs(factory, offered))
 
 
-build_train_sampler._torchreid_vi_wrapper = True
-
-
 def install() -> None:
-    """Wrap ``build_train_sampler`` on torchreid's datamanager module and list torchreid's samplers
-    in the plugin registry. Idempotent."""
-    if not getattr(_DM.build_train_sampler, '_torchreid_vi_wrapper', False):
-        _DM.build_train_sampler = build_train_sampler
+    """Put the plugin's ``build_train_sampler`` and ``build_transforms`` on torchreid's
+    datamanager module and list torchreid's samplers in the plugin registry. Idempotent."""
+    _DM.build_train_sampler = build_train_sampler
+    _DM.build_transforms = build_transforms
     for name, wrapper in TORCHREID_SAMPLER_WRAPPERS.items():
         register_sampler(name, wrapper)
 
@@ -161,9 +161,16 @@ class CrossModalImageDataManager(_DM.DataManager):
                  dataset_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
                  sampler_options: Optional[Mapping[str, Any]] = None):
         install()
-        super().__init__(sources=sources, targets=targets, height=height, width=width,
-                         transforms=transforms, norm_mean=norm_mean, norm_std=norm_std,
-                         use_gpu=use_gpu)
+        # torchreid's DataManager.__init__, with the plugin's transform builder
+        self.sources = [sources] if isinstance(sources, str) else list(sources or [])
+        if not self.sources:
+            raise ValueError('data.sources is empty: give at least one source dataset')
+        targets = self.sources if not targets else targets
+        self.targets = [targets] if isinstance(targets, str) else list(targets)
+        self.height, self.width = height, width
+        self.transform_tr, self.transform_te = build_transforms(
+            height, width, transforms=transforms, norm_mean=norm_mean, norm_std=norm_std)
+        self.use_gpu = torch.cuda.is_available() and use_gpu
         self.dataset_options = {str(k): dict(v) for k, v in (dataset_options or {}).items()}
         self.sampler_options = dict(sampler_options or {})
         for name, opts in self.dataset_options.items():

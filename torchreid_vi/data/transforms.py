@@ -23,11 +23,14 @@ name                      stage   what it does (H×W = ``height``×``width``)
                                   filled with the *raw* ``norm_mean`` values
 ``pad_crop``              pil     released IDKL: ``Pad(10, fill=127)`` (constant grey, all
                                   four sides) then ``RandomCrop((H, W))``
+``pad_crop_zero``         pil     the strong baseline (Luo et al.; XIV): ``Pad(10, fill=0)``
+                                  then ``RandomCrop((H, W))``
 ``tv_random_erasing``     tensor  released IDKL: torchvision ``RandomErasing(p=0.5,
                                   scale=(0.02, 0.33), ratio=(0.3, 3.3), value=0)``
 ========================  ======  =======================================================
 
-The released IDKL train pipeline is ``['random_flip', 'pad_crop', 'tv_random_erasing']``.
+The released IDKL train pipeline is ``['random_flip', 'pad_crop', 'tv_random_erasing']``; the
+strong baseline's (XIV's configs) ``['random_flip', 'pad_crop_zero', 'random_erase']``.
 ``random_crop``/``random_erase`` are *not* equivalent to ``pad_crop``/``tv_random_erasing``
 (other crop geometry, other erasing area and fill).
 
@@ -57,16 +60,15 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torchvision.transforms as T
 
 from .._torchreid import tr
+from ..modeling.backbones import IMAGENET_MEAN, IMAGENET_STD
 from ..registry import Registry, _same_definition
 
 __all__ = ['STAGES', 'TransformSpec', 'TRANSFORMS', 'register_transform', 'list_transforms',
-           'build_transforms', 'IMAGENET_MEAN', 'IMAGENET_STD']
+           'build_transforms']
 
 logger = logging.getLogger(__name__)
 
 STAGES = ('pil', 'tensor')
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 
 # factory(height, width, norm_mean, norm_std) -> callable transform
 Factory = Callable[[int, int, Sequence[float], Sequence[float]], Callable]
@@ -171,6 +173,11 @@ def _pad_crop(height, width, norm_mean, norm_std):
     return T.Compose([T.Pad(10, fill=127), T.RandomCrop((height, width))])
 
 
+def _pad_crop_zero(height, width, norm_mean, norm_std):
+    """The "bag of tricks" strong baseline (XIV's learner): Pad(10) with black, RandomCrop((H, W))."""
+    return T.Compose([T.Pad(10, fill=0), T.RandomCrop((height, width))])
+
+
 def _tv_random_erasing(height, width, norm_mean, norm_std):
     """Released IDKL: torchvision RandomErasing(p=0.5, scale=(0.02, 0.33), ratio=(0.3, 3.3),
     value=0) on the normalised tensor."""
@@ -184,6 +191,7 @@ for _name, _stage, _factory in (
         ('color_jitter', 'pil', _color_jitter),
         ('random_erase', 'tensor', _random_erase),
         ('pad_crop', 'pil', _pad_crop),
+        ('pad_crop_zero', 'pil', _pad_crop_zero),
         ('tv_random_erasing', 'tensor', _tv_random_erasing)):
     register_transform(_name, _stage, _factory)
 
