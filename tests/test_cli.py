@@ -65,12 +65,15 @@ def test_train_resume_equals_uninterrupted_run(sysu_root, tmp_path):
         'scheduler']['last_epoch'] == 2
 
     results = json.load(open(tmp_path / 'full' / 'results.json'))
-    assert results['config']['model']['name'] == 'resnet18'
-    env = results['environment']
+    (run,) = results['runs']
+    assert run['config']['model']['name'] == 'resnet18' and run['kind'] == 'train'
+    env = run['environment']
     assert env['torchreid_layout'] == 'pypi' and env['device'] == 'cpu'
     assert env['torch'].startswith('2.') and env['torchvision']
     (evaluation,) = results['evaluations']
     assert evaluation['epoch'] == 2 and evaluation['dataset'] == 'sysu_mm01'
+    assert evaluation['run_id'] == run['run_id'] and evaluation['final']
+    assert evaluation['checkpoint'].endswith('model.pth.tar-2')
     setting = evaluation['metrics']['sysu_mm01/all/single/official_perm']
     assert 0.0 <= setting['mean']['rank1'] <= 1.0 and len(setting['per_trial']) == 1
     assert any(f.startswith('train.log-') for f in os.listdir(tmp_path / 'full'))

@@ -97,7 +97,7 @@ def test_dataset_options_reach_datasets_and_test_datasets_are_exposed(regdb_root
     assert query_ds.protocol_options == {'trial': 2, 'directions': ('t2v',), 'semantics': 'vireid'}
     assert {r[1] for r in query_ds.query} == set(trial2['test'])
     assert dm.test_loader['regdb']['gallery'].dataset.protocol_options['trial'] == 2
-    sampler = dm.train_loader.sampler
+    sampler = dm.train_sampler
     assert (sampler.seed, sampler.epoch_mode, sampler.replace) == (5, 'cover', 'auto')
     # Options belong to that datamanager: a plain torchreid build gets the defaults.
     dm1 = tr.data.ImageDataManager(root=root, sources='regdb', batch_size_train=2 * P * K,

@@ -57,8 +57,18 @@ def _numpy_safe_globals():
 
 
 def save_checkpoint(state: dict, path: str) -> str:
-    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``."""
-    return atomic_write(path, lambda f: torch.save(state, f))
+    """Atomically write ``state`` (tensors, numbers, strings, lists, dicts) to ``path``.
+
+    Raises:
+        CheckpointError: the file could not be written (a full disk, a read-only folder); any
+            earlier file at ``path`` is left as it was.
+    """
+    try:
+        return atomic_write(path, lambda f: torch.save(state, f))
+    except (OSError, RuntimeError) as exc:
+        raise CheckpointError(f'cannot write checkpoint "{path}" ({type(exc).__name__}: {exc}); '
+                              f'is the disk full or the folder read-only? Earlier checkpoints '
+                              f'are intact') from exc
 
 
 def load_checkpoint(path: str, map_location='cpu') -> dict:
@@ -74,13 +84,20 @@ def load_checkpoint(path: str, map_location='cpu') -> dict:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise CheckpointError(
-            f'refusing to load "{path}": it contains objects outside the safe allow-list '
-            f'({exc}). Re-save it with plain tensors/numbers, or load it yourself if you trust it.'
-        ) from exc
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        if 'Weights only load failed' in str(exc):
+            detail = next((line.strip() for line in str(exc).splitlines()
+                           if 'GLOBAL' in line.upper()), str(exc).splitlines()[0])
+            raise CheckpointError(
+                f'refusing to load "{path}": it contains objects outside the safe allow-list '
+                f'({detail[:300]}). Re-save it with plain tensors/numbers, or load it yourself '
+                f'if you trust it.') from exc
+        raise CheckpointError(f'cannot read checkpoint "{path}": not a torch checkpoint '
+                              f'({str(exc).splitlines()[0][:200]})') from exc
+    except Exception as exc:  # torch.load fails in many ways on a file that is not its own
         raise CheckpointError(f'cannot read checkpoint "{path}" (truncated or not a torch '
-                              f'checkpoint?): {exc}') from exc
+                              f'checkpoint?): {type(exc).__name__}: {exc}') from exc
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'"{path}" holds a {type(ckpt).__name__}, not a checkpoint dict')
     return ckpt
 
 
@@ -117,6 +134,7 @@ def training_state(model, optimizer=None, scheduler=None, epoch: int = 0,
         'epoch': int(epoch),
         'rank1': None if rank1 is None else float(rank1),
         'optimizer': optimizer.state_dict() if optimizer is not None else None,
+        'optimizer_class': type(optimizer).__name__ if optimizer is not None else None,
         'scheduler': scheduler.state_dict() if scheduler is not None else None,
         'rng': rng_state(),
     }
@@ -124,22 +142,61 @@ def training_state(model, optimizer=None, scheduler=None, epoch: int = 0,
     return state
 
 
-def resume_from_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Restore model, optimizer, scheduler and RNG states from ``path``; return the checkpoint.
+def resume_from_checkpoint(path: str, model, optimizer=None, scheduler=None,
+                           restore_rng: bool = True) -> dict:
+    """Restore model, optimizer, scheduler (and RNG states) from ``path``; return the checkpoint.
 
     The caller starts at ``ckpt['epoch']`` (finished epochs).
+
+    Raises:
+        CheckpointError: the file is not a training checkpoint of this model and optimizer (the
+            message says what differs: the tensors whose shapes differ, e.g. another number of
+            training identities; the optimizer class).
     """
     ckpt = load_checkpoint(path)
     for key in ('state_dict', 'epoch'):
         if key not in ckpt:
             raise CheckpointError(f'"{path}" is not a training checkpoint: no "{key}" entry '
                                   f'(keys: {sorted(ckpt)})')
-    unwrap_model(model).load_state_dict(ckpt['state_dict'])
+    net = unwrap_model(model)
+    own = net.state_dict()
+    state = ckpt['state_dict']
+    mismatched = [f'{k} {tuple(v.shape)} in the file, {tuple(own[k].shape)} in the model'
+                  for k, v in state.items() if k in own and torch.is_tensor(v)
+                  and v.shape != own[k].shape]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if mismatched or missing or unexpected:
+        why = []
+        if mismatched:
+            why.append(f'{len(mismatched)} tensors differ in shape ({"; ".join(mismatched[:3])}; '
+                       f'a classifier of another size means another number of training '
+                       f'identities: another dataset or split)')
+        if missing:
+            why.append(f'{len(missing)} model tensors are not in the file (first: {missing[:3]})')
+        if unexpected:
+            why.append(f'{len(unexpected)} file tensors are not in the model (first: '
+                       f'{unexpected[:3]})')
+        raise CheckpointError(f'cannot resume from "{path}": it is not a checkpoint of this '
+                              f'model ({"; ".join(why)}). To start from its weights without its '
+                              f'training state use model.load_weights')
+    net.load_state_dict(state)
     if optimizer is not None and ckpt.get('optimizer') is not None:
-        optimizer.load_state_dict(ckpt['optimizer'])
+        saved = ckpt.get('optimizer_class')
+        if saved is not None and saved != type(optimizer).__name__:
+            raise CheckpointError(
+                f'cannot resume from "{path}": it was trained with the {saved} optimizer and '
+                f'this run uses {type(optimizer).__name__} (train.optim); resume with the same '
+                f'train.optim, or start from its weights with model.load_weights')
+        try:
+            optimizer.load_state_dict(ckpt['optimizer'])
+        except (KeyError, ValueError) as exc:
+            raise CheckpointError(f'cannot resume the optimizer state of "{path}" '
+                                  f'({type(exc).__name__}: {exc}): another optimizer or other '
+                                  f'parameter groups (train.optim, train.staged_lr)') from exc
     if scheduler is not None and ckpt.get('scheduler') is not None:
         scheduler.load_state_dict(ckpt['scheduler'])
-    if ckpt.get('rng') is not None:
+    if restore_rng and ckpt.get('rng') is not None:
         set_rng_state(ckpt['rng'])
     print(f'Resumed from "{path}" (finished epochs: {ckpt["epoch"]})')
     return ckpt

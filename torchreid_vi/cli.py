@@ -1,41 +1,66 @@
-"""The command line: torchreid's ``scripts/main.py`` plus the plugin's registries.
+"""The command line: torchreid's ``scripts/main.py`` plus the plugin's registries, made safe for
+multi-day runs.
 
 Usage (``torchreid-vi`` and ``python -m torchreid_vi`` are the same)::
 
     python -m torchreid_vi --config-file xiv/sysu_mm01 --root /data \\
         data.save_dir log/xiv_sysu train.max_epoch 120
+    torchrun --nproc_per_node 4 -m torchreid_vi --config-file idkl/sysu_mm01 --root /data
     python -m torchreid_vi --list
     python -m torchreid_vi --plugin projects/custom_dataset/my_dataset.py --config-file ...
 
 ``--config-file`` takes a yaml path or a packaged config name (``xiv/sysu_mm01``, see
 ``--list``). Flow: plugins (``--plugin``, then the config's ``vi.plugins``) → config (defaults,
-``--config-file``, ``-s/-t/--transforms/--root``, trailing ``key value`` options) → seed → log
-file ``<save_dir>/{train,test}.log-<time>`` → datamanager → model (registry, with the method's
-model options) → optional weights → optimizer / scheduler → engine (registry: ``engine.name``,
-else ``loss.name``) → optional resume → ``engine.run``. Every run writes
-``<save_dir>/results.json`` (config, environment, every evaluation).
+``--config-file``, ``-s/-t/--transforms/--root``, trailing ``key value`` options) → process group
+(under ``torchrun``) → lock of ``data.save_dir`` → log file ``<save_dir>/{train,test}.log-<time>``
+→ datamanager → model (registry, with the method's model options; SyncBatchNorm and DDP under
+``torchrun``) → optional weights → optimizer / scheduler → engine (registry: ``engine.name``, else
+``loss.name``) → optional resume (``model.resume auto``: the newest checkpoint of the save_dir)
+→ **pre-flight** (every evaluation option and setting, the test images) → ``engine.run``.
+
+Exit codes:
+
+===  =====================================================================================
+0    done
+2    a mistake in the command, the config or the data: one ``error:`` line (also in the log)
+3    training finished but an evaluation failed: the line names the checkpoint with the
+     weights and the command that evaluates it
+4    the loss diverged (NaN/inf): the line names the terms and the last good checkpoint
+75   stopped by SIGTERM/SIGINT after a step: resumable checkpoint written (``model.resume``)
+1    an unexpected internal error (with its traceback)
+===  =====================================================================================
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
+import logging
 import os
 import os.path as osp
+import shlex
 import sys
 import time
+import traceback
+import warnings
 from typing import List, Optional
 
 import torch
 
-__all__ = ['main', 'build_parser', 'build_config', 'load_plugins', 'UserError']
+__all__ = ['main', 'build_parser', 'build_config', 'load_plugins', 'UserError', 'EXIT_CODES']
+
+EXIT_OK, EXIT_ERROR, EXIT_USER, EXIT_EVALUATION, EXIT_DIVERGED, EXIT_PREEMPTED = 0, 1, 2, 3, 4, 75
+EXIT_CODES = {'ok': EXIT_OK, 'internal_error': EXIT_ERROR, 'user_error': EXIT_USER,
+              'evaluation_failed': EXIT_EVALUATION, 'diverged': EXIT_DIVERGED,
+              'preempted': EXIT_PREEMPTED}
+PROG = 'python -m torchreid_vi'
 
 
 class _Tee:
     """stdout that also writes to a log file (torchreid's Logger closes the real stdout)."""
 
     def __init__(self, path: str, stream):
-        os.makedirs(osp.dirname(osp.abspath(path)), exist_ok=True)
         self.file = open(path, 'a')
         self.stream = stream
 
@@ -61,7 +86,9 @@ class UserError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog='torchreid-vi', formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description='torchreid with visible-infrared cross-modal datasets, samplers and methods.')
+        description='torchreid with visible-infrared cross-modal datasets, samplers and methods.',
+        epilog='examples:\n  torchreid-vi --config-file xiv/sysu_mm01 --root /data\n'
+               '  torchreid-vi --list            (datasets, models, engines, packaged configs)')
     p.add_argument('--config-file', type=str, default='',
                    help='yaml config: a path or a packaged name such as xiv/sysu_mm01')
     p.add_argument('-s', '--sources', type=str, nargs='+', help='source datasets')
@@ -173,9 +200,11 @@ def build_config(args):
 
 def print_registries(out=sys.stdout) -> None:
     from .config import packaged_configs
+    from .data.transforms import list_transforms
     from .registry import list_datasets, list_engines, list_models, list_samplers
     for title, names in (('datasets', list_datasets()), ('models', list_models()),
                          ('samplers', list_samplers()), ('engines', list_engines()),
+                         ('transforms (data.transforms)', list_transforms()),
                          ('packaged configs (--config-file NAME)', packaged_configs())):
         print(f'{title} ({len(names)}):', file=out)
         for n in names:
@@ -199,14 +228,46 @@ def build_engine(cfg, datamanager, model, optimizer, scheduler):
     return ENGINES.get(name)(cfg, datamanager, model, optimizer, scheduler)
 
 
-def run(cfg) -> object:
+def _check_test_images(datamanager, workers: int) -> None:
+    """Decode every test image of the cross-modal targets once (``vi.eval.check_images``)."""
+    from .data.base import CrossModalDataset
+    from .data.io import ImageReadError, check_images
+    for name, dataset in datamanager.test_datasets.items():
+        if not isinstance(dataset, CrossModalDataset):
+            continue
+        paths = [r[0] for r in (*dataset.query, *dataset.gallery)]
+        t0 = time.time()
+        bad = check_images(paths, workers=max(2, workers))
+        if bad:
+            raise ImageReadError(f'{len(bad)} of the {len(paths)} test images of {name} cannot '
+                                 f'be read (first: {bad[0]}); fix or remove them before training '
+                                 f'(vi.eval.check_images False skips this check)')
+        print(f'Pre-flight: the {len(paths)} test images of {name} decode '
+              f'({time.time() - t0:.1f}s)')
+
+
+def _wrap_distributed(cfg, model, device):
+    """SyncBatchNorm (``vi.dist.sync_bn``) and DistributedDataParallel under ``torchrun``."""
+    from .utils import distributed as dist_utils
+    if cfg.vi.dist.sync_bn:
+        model = dist_utils.convert_sync_batchnorm(model)
+    ids = [device.index] if device.type == 'cuda' else None
+    # static_graph: the set of parameters a step uses never changes (fixed generators, unused
+    # heads are fine) and DDP need not search the graph for unused ones at every step.
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=ids, static_graph=True)
+
+
+def run(cfg, command: Optional[List[str]] = None) -> object:
     """Build everything from a frozen config and run it; returns the engine."""
     from ._torchreid import tr
     from .checkpoint import load_model_weights
     from .data.datamanager import CrossModalImageDataManager
+    from .engine.base import latest_checkpoint
     from .optim import optimizer_from_config, scheduler_from_config
     from .results import ResultsFile, environment_info
+    from .utils import distributed as dist_utils
 
+    device = dist_utils.init_from_environment(cfg.use_gpu, cfg.vi.dist.timeout_minutes)
     tr.utils.set_random_seed(cfg.train.seed)
     if cfg.vi.train.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -214,6 +275,7 @@ def run(cfg) -> object:
         torch.backends.cudnn.benchmark = not cfg.vi.train.deterministic
     print(f'Show configuration\n{cfg}\n')
     env = environment_info('cuda' if cfg.use_gpu else 'cpu')
+    env['world_size'] = dist_utils.world_size()
     print('Environment: ' + ', '.join(f'{k}={v}' for k, v in env.items()))
 
     datamanager = CrossModalImageDataManager.from_config(cfg)
@@ -222,20 +284,48 @@ def run(cfg) -> object:
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f'Model parameters: {n_all:,} ({n_train:,} trainable)')
-    if cfg.model.load_weights:
-        load_model_weights(model, cfg.model.load_weights)
-    if cfg.use_gpu:
-        model = model.cuda()
+    weights = cfg.model.load_weights
+    if weights:
+        load_model_weights(model, weights)
+    device = device or torch.device('cuda' if cfg.use_gpu else 'cpu')
+    model = model.to(device)
+    if cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if dist_utils.is_distributed():
+        model = _wrap_distributed(cfg, model, device)
+        # every rank starts from rank 0's weights (DDP broadcast them); dropout and other
+        # in-step randomness differ per rank, reproducibly for a fixed world size
+        tr.utils.set_random_seed(cfg.train.seed + dist_utils.rank())
+    if cfg.train.compile:
+        model = torch.compile(model)
     optimizer = optimizer_from_config(cfg, model)
     scheduler = scheduler_from_config(cfg, optimizer)
     engine = build_engine(cfg, datamanager, model, optimizer, scheduler)
     start_epoch = cfg.train.start_epoch
-    if cfg.model.resume:
-        start_epoch = engine.resume(cfg.model.resume)
-    if cfg.test.evaluate and not (cfg.model.load_weights or cfg.model.resume):
-        print('Warning: evaluating without model.load_weights or model.resume: the weights '
-              'are ' + ('ImageNet-pretrained' if cfg.model.pretrained else 'random') + '.')
-    engine.results = ResultsFile(osp.join(cfg.data.save_dir, 'results.json'), cfg, env)
+    resume = cfg.model.resume
+    if resume == 'auto':
+        resume = latest_checkpoint(cfg.data.save_dir)
+        print(f'model.resume auto: {resume or "no checkpoint in the save_dir, starting fresh"}')
+    if resume:
+        start_epoch = engine.resume(resume)
+    if cfg.test.evaluate:
+        source = resume or weights
+        if not source:
+            print('Warning: evaluating without model.load_weights or model.resume: the weights '
+                  'are ' + ('ImageNet-pretrained' if cfg.model.pretrained else 'random') + '.')
+        else:
+            start_epoch = engine.checkpoint_epoch(source)
+            engine.last_checkpoint = source
+    # pre-flight: whatever the evaluation needs is checked now, before the first step
+    targets = engine.prepare_evaluation()
+    if targets:
+        print(f'Pre-flight: evaluation settings of {", ".join(targets)} built and checked')
+    if cfg.vi.eval.check_images and dist_utils.is_main_process():
+        _check_test_images(datamanager, cfg.data.workers)
+    if dist_utils.is_main_process():
+        engine.results = ResultsFile(osp.join(cfg.data.save_dir, 'results.json'), cfg, env,
+                                     kind='evaluate' if cfg.test.evaluate else 'train',
+                                     command=command)
     engine.run(save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
                start_epoch=start_epoch, print_freq=cfg.train.print_freq,
                fixbase_epoch=cfg.train.fixbase_epoch, open_layers=cfg.train.open_layers,
@@ -244,41 +334,159 @@ def run(cfg) -> object:
     return engine
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    from . import registration
+def _user_errors() -> tuple:
+    """Exceptions that mean "the input is wrong": one ``error:`` line, exit code 2."""
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data.base import DatasetLayoutError
+    from .data.io import DataFormatError, ImageReadError
+    from .engine.base import NothingToTrain
     from .pretrained import PretrainedWeightsUnavailable
+    from .utils.runlock import SaveDirInUse
+    return (UserError, ConfigError, DatasetLayoutError, DataFormatError, ImageReadError,
+            CheckpointError, PretrainedWeightsUnavailable, SaveDirInUse, NothingToTrain)
 
-    args = build_parser().parse_args(argv)
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` without a DataLoader worker's embedded traceback."""
+    text = str(exc)
+    if 'Original Traceback' in text:
+        text = text.strip().splitlines()[-1]
+    return text
+
+
+def _evaluation_hint(command: List[str], checkpoint: Optional[str]) -> str:
+    if not checkpoint:
+        return ''
+    args = ' '.join(shlex.quote(a) for a in command)
+    return (f'\nThe trained weights are in {checkpoint}; once the cause is fixed, evaluate them '
+            f'with:\n  {PROG} {args} test.evaluate True model.resume "" model.load_weights '
+            f'{shlex.quote(checkpoint)}')
+
+
+@contextlib.contextmanager
+def _warnings_to(log_file):
+    """Python warnings and the package's logging go to the log file too."""
+    previous = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = warnings.formatwarning(message, category, filename, lineno, line)
+        sys.stderr.write(text)
+        if log_file is not None:
+            log_file.write(text)
+            log_file.flush()
+    warnings.showwarning = show
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter('%(levelname)s %(name)s: %(message)s'))
+    logger = logging.getLogger('torchreid_vi')
+    logger.addHandler(handler)
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from . import registration
+    from .config import ConfigError
+    from .engine.base import EvaluationFailed, NonFiniteLoss, Preempted
+    from .utils import distributed as dist_utils
+    from .utils.fileio import remove_stale_parts
+    from .utils.runlock import RunLock
+
+    command = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if not command:
+        parser.print_usage(sys.stderr)
+        print('error: nothing to do: give a config, e.g. --config-file xiv/sysu_mm01 --root '
+              '<data root> (see --help, and --list for the packaged configs)', file=sys.stderr)
+        return EXIT_USER
+    args = parser.parse_args(command)
     try:
         registration.register_all()
         load_plugins(args.plugin)
         if args.list:
             print_registries()
-            return 0
+            return EXIT_OK
         load_plugins(_config_plugins(args))
         cfg = build_config(args)
     except (UserError, ConfigError, KeyError, ImportError) as exc:
         print(f'error: {exc}', file=sys.stderr)
-        return 2
+        return EXIT_USER
 
-    log_name = ('test.log' if cfg.test.evaluate else 'train.log') + time.strftime(
-        '-%Y-%m-%d-%H-%M-%S')
-    stdout = sys.stdout
-    tee = _Tee(osp.join(cfg.data.save_dir, log_name), stdout)
-    sys.stdout = tee
+    main_process = int(os.environ.get('RANK', '0')) == 0
+    save_dir = cfg.data.save_dir
+    lock = RunLock(save_dir, command=command, share=cfg.vi.train.share_save_dir or not
+                   main_process)
+    stdout, tee = sys.stdout, None
     try:
-        run(cfg)
-    except (UserError, DatasetLayoutError, PretrainedWeightsUnavailable, CheckpointError) as exc:
-        print(f'error: {exc}', file=sys.stderr)
-        tee.file.write(f'error: {exc}\n')
-        return 2
-    finally:
+        if main_process:
+            os.makedirs(save_dir, exist_ok=True)
+            lock.acquire()
+            log_name = ('test.log' if cfg.test.evaluate else 'train.log') + time.strftime(
+                '-%Y-%m-%d-%H-%M-%S')
+            tee = _Tee(osp.join(save_dir, log_name), stdout)
+            sys.stdout = tee
+            if lock.note:
+                print(f'Note: {lock.note}')
+            for path in remove_stale_parts(save_dir):
+                print(f'Removed the unfinished file of a killed run: {path}')
+        else:
+            sys.stdout = open(os.devnull, 'w')  # rank 0 alone logs
+    except (OSError, *_user_errors()) as exc:
         sys.stdout = stdout
-        tee.close()
-    return 0
+        lock.release()
+        where = f' (data.save_dir {save_dir})' if isinstance(exc, OSError) else ''
+        print(f'error: {exc}{where}', file=sys.stderr)
+        return EXIT_USER
+
+    def report(message: str, code: int) -> int:
+        print(f'error: {message}', file=sys.stderr)
+        if tee is not None:
+            tee.file.write(f'error: {message}\n')
+        return code
+
+    try:
+        with _warnings_to(tee.file if tee is not None else None):
+            run(cfg, command)
+        return EXIT_OK
+    except Preempted as exc:
+        return report(f'{exc}. Resume with the same command plus model.resume '
+                      f'{shlex.quote(exc.checkpoint or "auto")} (or model.resume auto).',
+                      EXIT_PREEMPTED)
+    except EvaluationFailed as exc:
+        return report(f'{_one_line(exc)}{_evaluation_hint(command, exc.checkpoint)}',
+                      EXIT_EVALUATION)
+    except NonFiniteLoss as exc:
+        return report(str(exc), EXIT_DIVERGED)
+    except _user_errors() as exc:
+        return report(_one_line(exc), EXIT_USER)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        # Option and input checks raise these while the run is built; the full traceback goes
+        # to the log file for a bug report, the console gets one line.
+        if tee is not None:
+            tee.file.write(traceback.format_exc())
+        return report(_one_line(exc), EXIT_USER)
+    except KeyboardInterrupt:
+        return report('interrupted (second SIGINT): no checkpoint was written for the current '
+                      'step', 130)
+    except BaseException:
+        if tee is not None:
+            tee.file.write(traceback.format_exc())
+        raise
+    finally:
+        if tee is not None:
+            tee.flush()
+        sys.stdout = stdout
+        if tee is not None:
+            tee.close()
+        lock.release()
+        if dist_utils.is_distributed():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == '__main__':  # pragma: no cover

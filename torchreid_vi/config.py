@@ -224,6 +224,9 @@ def _torchreid_defaults() -> Config:
     cfg.data.norm_std = list(IMAGENET_STD)
     cfg.data.save_dir = 'log'
     cfg.data.load_train_targets = False
+    cfg.data.pin_memory = True  # pinned host memory for the loaders (used only with CUDA)
+    cfg.data.persistent_workers = False  # keep loader workers alive across epochs (workers > 0)
+    cfg.data.prefetch_factor = 2  # batches each worker loads ahead (workers > 0)
 
     cfg.market1501 = Config()
     cfg.market1501.use_500k_distractors = False
@@ -309,16 +312,27 @@ def _plugin_defaults(cfg: Config) -> None:
     cfg.vi.eval.rerank_k2 = 6
     cfg.vi.eval.rerank_lambda = 0.3
     cfg.vi.eval.visrank_max_queries = 50  # ranked-result rows written per setting (0: all)
+    cfg.vi.eval.check_images = True  # pre-flight: decode every test image once before training
 
     cfg.vi.train = Config()
     cfg.vi.train.warmup_epochs = 10  # for train.lr_scheduler warmup_multi_step
     cfg.vi.train.warmup_factor = 0.1
-    cfg.vi.train.checkpoint_freq = 1  # save a checkpoint every N epochs (and after evaluations)
+    cfg.vi.train.checkpoint_freq = 1  # save a checkpoint every N epochs (and before evaluations)
+    cfg.vi.train.keep_last = 0  # keep the newest N periodic checkpoints (0: all; final kept)
+    cfg.vi.train.share_save_dir = False  # allow several runs in one data.save_dir on purpose
     cfg.vi.train.deterministic = False  # torch.use_deterministic_algorithms (slower)
+
+    # torchrun (DistributedDataParallel): train.batch_size stays the global batch.
+    cfg.vi.dist = Config()
+    cfg.vi.dist.global_loss = True  # losses on the batch gathered from all ranks (exact method)
+    cfg.vi.dist.sync_bn = True  # BatchNorm statistics over the global batch (SyncBatchNorm)
+    cfg.vi.dist.timeout_minutes = 120  # how long ranks wait for each other (rank 0 evaluates)
 
     # Mixed precision of the network's forward passes in every engine: 'none' | 'fp16'
     # (autocast + dynamic GradScaler, CUDA only) | 'bf16' (autocast; CPU autocast on a CPU).
     cfg.train.amp = 'none'
+    cfg.train.channels_last = False  # channels-last memory format (faster convolutions on GPUs)
+    cfg.train.compile = False  # torch.compile the model (first steps slower; off by default)
 
 
 def _dataset_nodes(cfg: Config) -> None:

@@ -8,7 +8,12 @@ attributes, loaders and printed summary) built by the plugin itself, so that
   cross-modal datasets directly and leaves every other dataset to torchreid;
 * plugin samplers get theirs (``seed``, ``epoch_mode``, ``replace`` for the
   ``ModalityBalancedSampler``);
-* ``test_datasets`` exposes the query dataset objects, whose protocol the evaluator reads.
+* ``test_datasets`` exposes the query dataset objects, whose protocol the evaluator reads;
+* the train loader is the plugin's (:mod:`torchreid_vi.data.loader`): whole-batch epochs with
+  per-sample augmentation seeds (results do not depend on the number of workers), resumable
+  mid-epoch, and under ``torchrun`` each rank loads its slice of every global batch;
+* loaders take ``pin_memory``, ``persistent_workers`` and ``prefetch_factor``, and their own
+  random generators (iterating a loader never moves the global RNG streams).
 
 torchreid hard-codes its sampler and transform names in ``build_train_sampler`` and
 ``build_transforms``; :func:`install` replaces those two functions on torchreid's
@@ -36,7 +41,9 @@ import torch
 
 from .._torchreid import tr
 from ..registry import DATASETS, SAMPLERS, register_sampler
+from ..utils import distributed as dist_utils
 from .base import CrossModalDataset
+from .loader import EpochBatchSampler, SeededDataset
 from .transforms import build_transforms
 
 __all__ = ['install', 'build_train_sampler', 'CrossModalImageDataManager', 'TORCHREID_SAMPLERS']
@@ -138,10 +145,16 @@ class CrossModalImageDataManager(_DM.DataManager):
             ``{'regdb': {'trial': 2}}``; unknown datasets or option names raise ``TypeError``.
         sampler_options: options offered to a plugin sampler (``seed``, ``epoch_mode``,
             ``replace`` for ``ModalityBalancedSampler``; those it does not accept are dropped).
+        seed: seed of the per-sample augmentation and of the loaders' generators.
+        pin_memory: pinned host memory (only used with CUDA).
+        persistent_workers, prefetch_factor: DataLoader options (used when ``workers > 0``).
+        rank, world_size: this process's slice of every global train batch (default: the
+            running ``torchrun`` group, or the whole batch).
 
     Attributes (besides torchreid's ``train_loader``, ``test_loader``, ``test_dataset``,
     ``num_train_pids``...):
         train_set: the training dataset (a ``CrossModalDataset`` for cross-modal sources).
+        train_sampler: the train sampler the loader's batches come from.
         test_datasets: target name -> its **query dataset object**.
 
     Raises:
@@ -159,8 +172,18 @@ class CrossModalImageDataManager(_DM.DataManager):
                  train_sampler='RandomSampler', train_sampler_t='RandomSampler',
                  cuhk03_labeled=False, cuhk03_classic_split=False, market1501_500k=False, *,
                  dataset_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
-                 sampler_options: Optional[Mapping[str, Any]] = None):
+                 sampler_options: Optional[Mapping[str, Any]] = None, seed: int = 0,
+                 pin_memory: bool = True, persistent_workers: bool = False,
+                 prefetch_factor: int = 2, rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
         install()
+        self.seed = int(seed)
+        self.rank = dist_utils.rank() if rank is None else int(rank)
+        self.world_size = dist_utils.world_size() if world_size is None else int(world_size)
+        self.loader_options = {'num_workers': workers}
+        if workers > 0:
+            self.loader_options.update(persistent_workers=bool(persistent_workers),
+                                       prefetch_factor=int(prefetch_factor))
         # torchreid's DataManager.__init__, with the plugin's transform builder
         self.sources = [sources] if isinstance(sources, str) else list(sources or [])
         if not self.sources:
@@ -171,6 +194,7 @@ class CrossModalImageDataManager(_DM.DataManager):
         self.transform_tr, self.transform_te = build_transforms(
             height, width, transforms=transforms, norm_mean=norm_mean, norm_std=norm_std)
         self.use_gpu = torch.cuda.is_available() and use_gpu
+        self.loader_options['pin_memory'] = bool(pin_memory) and self.use_gpu
         self.dataset_options = {str(k): dict(v) for k, v in (dataset_options or {}).items()}
         self.sampler_options = dict(sampler_options or {})
         for name, opts in self.dataset_options.items():
@@ -200,9 +224,8 @@ class CrossModalImageDataManager(_DM.DataManager):
         self._num_train_pids = trainset.num_train_pids
         self._num_train_cams = trainset.num_train_cams
         self.train_set = trainset
-        self.train_loader = self._train_loader(
-            trainset, build_train_sampler(trainset.train, train_sampler, **sampler_kwargs),
-            batch_size_train, workers)
+        self.train_sampler = build_train_sampler(trainset.train, train_sampler, **sampler_kwargs)
+        self.train_loader = self._train_loader(trainset, self.train_sampler, batch_size_train)
         if needs_modality and not isinstance(trainset, CrossModalDataset):
             raise ValueError(
                 f'train_sampler={train_sampler} needs the per-image modality, but the training set '
@@ -219,7 +242,7 @@ class CrossModalImageDataManager(_DM.DataManager):
                              for name in self.targets)
             self.train_loader_t = self._train_loader(
                 trainset_t, build_train_sampler(trainset_t.train, train_sampler_t,
-                                                **sampler_kwargs), batch_size_train, workers)
+                                                **sampler_kwargs), batch_size_train)
 
         print('=> Loading test (target) dataset')
         self.test_loader = {name: {'query': None, 'gallery': None} for name in self.targets}
@@ -229,8 +252,8 @@ class CrossModalImageDataManager(_DM.DataManager):
                 dataset = self._dataset(name, transform=self.transform_te, mode=mode,
                                         combineall=combineall, verbose=mode == 'query', **common)
                 self.test_loader[name][mode] = torch.utils.data.DataLoader(
-                    dataset, batch_size=batch_size_test, shuffle=False, num_workers=workers,
-                    pin_memory=self.use_gpu, drop_last=False)
+                    dataset, batch_size=batch_size_test, shuffle=False, drop_last=False,
+                    generator=self._generator(), **self.loader_options)
                 self.test_dataset[name][mode] = getattr(dataset, mode)
         self.test_datasets = {name: self.test_loader[name]['query'].dataset
                               for name in self.targets}
@@ -272,7 +295,10 @@ class CrossModalImageDataManager(_DM.DataManager):
             market1501_500k=cfg.market1501.use_500k_distractors,
             dataset_options=dataset_options(cfg),
             sampler_options={'seed': sampler_seed, 'epoch_mode': cfg.vi.sampler.epoch_mode,
-                             'replace': cfg.vi.sampler.replace})
+                             'replace': cfg.vi.sampler.replace},
+            seed=cfg.train.seed, pin_memory=cfg.data.pin_memory,
+            persistent_workers=cfg.data.persistent_workers,
+            prefetch_factor=cfg.data.prefetch_factor)
 
     # ---------------------------------------------------------------------------- helpers
     @staticmethod
@@ -297,7 +323,12 @@ class CrossModalImageDataManager(_DM.DataManager):
             return DATASETS.get(name)(**kwargs, **self.dataset_options.get(name, {}))
         return _TR_DATASETS.init_image_dataset(name, **kwargs)
 
-    def _train_loader(self, dataset, sampler, batch_size: int, workers: int):
-        return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_size,
-                                           shuffle=False, num_workers=workers,
-                                           pin_memory=self.use_gpu, drop_last=True)
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
+    def _train_loader(self, dataset, sampler, batch_size: int):
+        """Global batches of ``batch_size`` from ``sampler``, this rank's slice of each, every
+        sample augmented with its own seed (:mod:`torchreid_vi.data.loader`)."""
+        batches = EpochBatchSampler(sampler, batch_size, self.seed, self.rank, self.world_size)
+        return torch.utils.data.DataLoader(SeededDataset(dataset), batch_sampler=batches,
+                                           generator=self._generator(), **self.loader_options)

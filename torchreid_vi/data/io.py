@@ -30,11 +30,13 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterator, List, NamedTuple, Optional
 
+import numpy as np
 from PIL import Image
 
 __all__ = [
     'DataFormatError', 'ImageReadError', 'IdxLine',
-    'parse_id_list', 'parse_idx_file', 'safe_join', 'read_image', 'recording_reads', 'note_read',
+    'parse_id_list', 'parse_idx_file', 'safe_join', 'read_image', 'check_images',
+    'recording_reads', 'note_read',
 ]
 
 
@@ -187,8 +189,32 @@ def safe_join(root: str, rel_path: str, *, source: str = '') -> str:
     return osp.join(root, norm)
 
 
+# 16-bit gray modes PIL reads (thermal cameras store 16-bit PNG/TIFF); 'I' is a 32-bit int image.
+_WIDE_GRAY_MODES = ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I')
+_UINT16_MAX = 65535
+
+
+def _wide_gray_to_rgb(img: Image.Image, path: str) -> Image.Image:
+    """A 16-bit gray image scaled linearly to 8 bits (``v * 255 / 65535``, rounded), as RGB.
+
+    PIL's own ``convert('RGB')`` clips such images at 255 instead of scaling them, which turns
+    most of a thermal image white.
+    """
+    values = np.asarray(img, dtype=np.float64)
+    if values.size and (values.min() < 0 or values.max() > _UINT16_MAX):
+        raise ImageReadError(f'cannot use image {path}: mode {img.mode} with values '
+                             f'{values.min():.0f}..{values.max():.0f} is not a 16-bit image '
+                             f'(expected 0..{_UINT16_MAX}); convert it to 8-bit RGB or gray')
+    gray = np.rint(values * (255.0 / _UINT16_MAX)).astype(np.uint8)
+    return Image.fromarray(gray, mode='L').convert('RGB')
+
+
 def read_image(path: str) -> Image.Image:
     """Decode ``path`` into a 3-channel RGB PIL image (gray/'L' and palette images included).
+
+    16-bit gray images (``I;16`` PNG, thermal cameras) are scaled linearly to 8 bits
+    (``round(v * 255 / 65535)``); floating-point images (mode ``F``) are refused, there is no
+    agreed range to scale them from.
 
     Raises:
         ImageReadError: the file is missing, truncated, or not a decodable image; the message
@@ -197,8 +223,30 @@ def read_image(path: str) -> Image.Image:
     """
     try:
         with Image.open(path) as img:
+            if img.mode in _WIDE_GRAY_MODES:
+                return _wide_gray_to_rgb(img, path)
+            if img.mode == 'F':
+                raise ImageReadError(f'cannot use image {path}: floating-point mode F has no '
+                                     f'defined 8-bit range; save it as 8-bit RGB or gray')
             return img.convert('RGB')  # convert() forces the full decode inside the try
     except FileNotFoundError:
         raise ImageReadError(f'image file not found: {path}') from None
+    except ImageReadError:
+        raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise ImageReadError(f'cannot decode image {path}: {exc}') from exc
+
+
+def check_images(paths: List[str], workers: int = 4) -> List[str]:
+    """Decode every image of ``paths`` once (threads; PIL releases the GIL while decoding) and
+    return one message per unreadable file, in ``paths`` order (empty: all readable)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(path):
+        try:
+            read_image(path)
+            return None
+        except ImageReadError as exc:
+            return str(exc)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        return [m for m in pool.map(one, paths, chunksize=64) if m is not None]

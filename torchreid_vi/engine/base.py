@@ -1,42 +1,94 @@
-"""The cross-modal engine: torchreid's training loop with the standard VI-ReID evaluation.
+"""The cross-modal engine: torchreid's training loop, made safe for multi-day runs, with the
+standard VI-ReID evaluation.
 
-:class:`CrossModalEngine` subclasses torchreid's ``Engine`` and keeps its ``train()`` loop
-(console + tensorboard logging of every loss term a ``forward_backward`` returns). It replaces:
+:class:`CrossModalEngine` subclasses torchreid's ``Engine`` (its model registry, ``test`` of
+single-modality targets, the console and tensorboard log format) and replaces ``run``/``train``:
 
-* ``run()``: the same epoch loop and torchreid's arguments, plus atomic checkpoints with RNG
-  state (exact resume), the sampler's epoch (``set_epoch``), evaluation-only runs, and rank
-  visualisation of the final evaluation (torchreid allows it only in evaluation-only runs);
-* ``test()``: a cross-modal target is evaluated by a
-  :class:`~torchreid_vi.evaluation.evaluator.CrossModalEvaluator` (features of every test image
-  once, one IR×VIS distance matrix, every protocol setting × trial); the table is printed and the
-  results go to tensorboard (``Test/<setting>/{rank1,mAP,mINP}``) and to the results sink
-  (``results.json``). Other targets fall back to torchreid's own evaluation.
+* **epochs** come from the plugin's train loader (:mod:`torchreid_vi.data.loader`): global
+  batches with per-sample augmentation seeds, sliced across ranks under ``torchrun``, resumable
+  mid-epoch;
+* **weights first**: a checkpoint is written before every evaluation (the final one included); if
+  an evaluation fails, :class:`EvaluationFailed` names the checkpoint that holds the weights;
+* **checkpoints** are atomic, hold everything a resume needs (model, optimizer, scheduler,
+  GradScaler, every rank's RNG states, the loader's position in the epoch) and are pruned to the
+  last ``keep_last`` periodic ones only after the new one is on disk;
+* **preemption**: SIGTERM or SIGINT (what clusters send before they take a node) finishes the
+  current step, writes ``model/model.pth.tar-interrupted`` (resumable mid-epoch) and raises
+  :class:`Preempted`; ``model.resume`` of it continues the same trajectory;
+* **divergence**: a non-finite loss term stops the run at that step (:class:`NonFiniteLoss`,
+  naming the terms and the last good checkpoint);
+* **mixed precision** (``amp``: none / fp16 with a dynamic GradScaler / bf16) for every engine;
+* **distributed**: rank 0 alone writes checkpoints, tensorboard events and results, and
+  evaluates (the other ranks wait); :meth:`gather` gives losses the global batch;
+* **evaluation**: a cross-modal target is evaluated by a
+  :class:`~torchreid_vi.evaluation.evaluator.CrossModalEvaluator` (features once, one IR×VIS
+  distance matrix, every protocol setting × trial), recorded in tensorboard
+  (``Test/<setting>/{rank1,mAP,mINP}``) and the results sink (``results.json``); other targets use
+  torchreid's own evaluation.
 
-The engine reads no config: evaluation options live in its evaluator, the rest are constructor
-arguments; ``from_config(cfg, datamanager, model, optimizer, scheduler)`` maps a config onto them.
-Subclasses (XIV, IDKL) implement ``forward_backward`` and may override the feature hooks
-``extract_features(imgs, modality) -> Tensor | dict`` and ``pairwise_distance(ir, vis)``.
-torchreid's stock softmax / triplet engines get the same evaluation in :mod:`.stock`.
+The engine reads no config: ``from_config(cfg, datamanager, model, optimizer, scheduler)`` maps
+one onto the constructor's arguments. Subclasses (XIV, IDKL, torchreid's stock engines)
+implement ``forward_backward`` and may override ``extract_features(imgs, modality)`` and
+``pairwise_distance(ir, vis)``.
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
+import glob
+import math
+import os
 import os.path as osp
+import signal
 import time
-from typing import Dict, Optional, Union
+from typing import Dict, List, Optional, Union
 
 import torch
 
 from .._torchreid import tr
-from ..checkpoint import (resume_from_checkpoint, rng_state, save_checkpoint, set_rng_state,
-                          training_state)
+from ..checkpoint import (load_checkpoint, resume_from_checkpoint, rng_state, save_checkpoint,
+                          set_rng_state, training_state)
 from ..data.base import VISIBLE, CrossModalDataset
+from ..data.loader import EpochBatchSampler
 from ..evaluation.evaluator import CrossModalEvaluator, FeatureDict
+from ..utils import distributed as dist_utils
+from ..utils.distributed import unwrap_model
 
-__all__ = ['CrossModalEngine', 'AMP_MODES']
+__all__ = ['CrossModalEngine', 'AMP_MODES', 'EvaluationFailed', 'Preempted', 'NonFiniteLoss',
+           'NothingToTrain', 'INTERRUPTED_SUFFIX', 'latest_checkpoint']
 
 AMP_MODES = ('none', 'fp16', 'bf16')
 _AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
+INTERRUPTED_SUFFIX = 'interrupted'
+_CKPT_PREFIX = 'model.pth.tar-'
+
+
+class EvaluationFailed(RuntimeError):
+    """An evaluation failed after its checkpoint was written; ``checkpoint`` holds the weights."""
+
+    def __init__(self, message: str, checkpoint: Optional[str], epoch: int):
+        super().__init__(message)
+        self.checkpoint, self.epoch = checkpoint, epoch
+
+
+class Preempted(RuntimeError):
+    """SIGTERM/SIGINT stopped the run after a step; ``checkpoint`` resumes it mid-epoch."""
+
+    def __init__(self, message: str, checkpoint: Optional[str], signum: int):
+        super().__init__(message)
+        self.checkpoint, self.signum = checkpoint, signum
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or infinite; ``checkpoint`` is the last good one (or ``None``)."""
+
+    def __init__(self, message: str, checkpoint: Optional[str]):
+        super().__init__(message)
+        self.checkpoint = checkpoint
+
+
+class NothingToTrain(ValueError):
+    """The run would not train a single step (``train.max_epoch`` at or below the start)."""
 
 
 def _default_config():
@@ -44,44 +96,61 @@ def _default_config():
     return get_default_config()
 
 
+def latest_checkpoint(save_dir: str, name: str = 'model') -> Optional[str]:
+    """The newest checkpoint of ``<save_dir>/<name>/`` (periodic, final or interrupted), by
+    modification time; ``None`` when there is none (``model.resume auto``)."""
+    paths = [p for p in glob.glob(osp.join(save_dir, name, _CKPT_PREFIX + '*'))
+             if not osp.basename(p).startswith('.')]
+    return max(paths, key=osp.getmtime) if paths else None
+
+
 class CrossModalEngine(tr.engine.Engine):
     """Base engine for cross-modal methods.
 
     Args:
         datamanager: a torchreid ``ImageDataManager`` (``CrossModalImageDataManager`` for plugin
-            dataset options) whose targets may be cross-modal datasets.
-        model: the network; in eval mode it must return ``(B, D)`` features.
+            dataset options and the resumable, rank-sliced train loader) whose targets may be
+            cross-modal datasets.
+        model: the network (possibly ``DistributedDataParallel``-wrapped); in eval mode it must
+            return ``(B, D)`` features.
         optimizer, scheduler: as in torchreid (scheduler may be ``None``).
         use_gpu: use CUDA when available.
         evaluator: the :class:`CrossModalEvaluator` (default: the default config's options).
         checkpoint_freq: save a checkpoint every N epochs (``vi.train.checkpoint_freq``; 0: only
-            the final one and those after evaluations). Default: the default config's value.
+            the final one and those before evaluations).
+        keep_last: keep the newest N periodic checkpoints (``vi.train.keep_last``; 0: all); the
+            final checkpoint and the ones evaluations came from are kept.
         results: where evaluations are recorded (a :class:`~torchreid_vi.results.ResultsFile`
             or anything with its ``add_evaluation``), or ``None``.
         amp: mixed precision of the forward passes (``train.amp``): ``'none'``, ``'fp16'``
             (autocast + dynamic GradScaler, CUDA only) or ``'bf16'`` (autocast, no scaler; CPU
-            autocast on a CPU). Loss maths stays float32. Default: the default config's value.
+            autocast on a CPU). Loss maths stays float32.
+        global_loss: under ``torchrun``, compute each loss on the global batch gathered from all
+            ranks (``vi.dist.global_loss``), so the method's batch-global losses are unchanged.
+        channels_last: feed images in channels-last memory format (``train.channels_last``).
 
-    A training batch ``data`` carries ``img``, ``pid`` and ``modality`` (0 visible, 1 infrared);
-    :meth:`parse_train_batch` moves them to ``self.device``.
+    Arguments left ``None`` take the default config's value. A training batch ``data`` carries
+    ``img``, ``pid`` and ``modality`` (0 visible, 1 infrared); :meth:`parse_train_batch` moves them
+    to ``self.device``.
     """
 
-    def __init__(self, datamanager, model, optimizer=None, scheduler=None, use_gpu=False, *,
-                 evaluator: Optional[CrossModalEvaluator] = None,
-                 checkpoint_freq: Optional[int] = None, results=None, amp: Optional[str] = None):
+    def __init__(self, datamanager, model, optimizer=None, scheduler=None, use_gpu=False,
+                 **engine_options):
         super().__init__(datamanager, use_gpu)
         self.model = model
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.register_model('model', model, optimizer, scheduler)
-        self.setup_cross_modal(evaluator=evaluator, checkpoint_freq=checkpoint_freq,
-                               results=results, amp=amp)
+        self.setup_cross_modal(**engine_options)
 
     @classmethod
     def engine_options(cls, cfg) -> dict:
         """The constructor's keyword arguments that come from the config (subclasses add theirs)."""
         return {'evaluator': CrossModalEvaluator.from_config(cfg),
-                'checkpoint_freq': cfg.vi.train.checkpoint_freq, 'amp': cfg.train.amp}
+                'checkpoint_freq': cfg.vi.train.checkpoint_freq,
+                'keep_last': cfg.vi.train.keep_last, 'amp': cfg.train.amp,
+                'global_loss': cfg.vi.dist.global_loss,
+                'channels_last': cfg.train.channels_last}
 
     @classmethod
     def from_config(cls, cfg, datamanager, model, optimizer=None, scheduler=None, **overrides):
@@ -94,27 +163,45 @@ class CrossModalEngine(tr.engine.Engine):
         return engine
 
     # ------------------------------------------------------------------ setup
-    def setup_cross_modal(self, *, evaluator=None, checkpoint_freq=None, results=None,
-                          amp=None) -> None:
-        """Attach the evaluation, checkpoint and precision state (also used by the stock-engine
-        mixins)."""
-        if evaluator is None or checkpoint_freq is None or amp is None:
-            defaults = _default_config()
-            evaluator = evaluator or CrossModalEvaluator.from_config(defaults)
-            checkpoint_freq = (defaults.vi.train.checkpoint_freq if checkpoint_freq is None
-                               else checkpoint_freq)
-            amp = defaults.train.amp if amp is None else amp
-        if isinstance(checkpoint_freq, bool) or not isinstance(checkpoint_freq, int) \
-                or checkpoint_freq < 0:
-            raise ValueError(f'vi.train.checkpoint_freq={checkpoint_freq!r}; expected an int >= 0')
+    def setup_cross_modal(self, *, evaluator=None, checkpoint_freq=None, keep_last=None,
+                          results=None, amp=None, global_loss=None, channels_last=None) -> None:
+        """Attach the evaluation, checkpoint, precision and distribution state (also used by the
+        stock-engine mixins)."""
+        given = dict(checkpoint_freq=checkpoint_freq, keep_last=keep_last, amp=amp,
+                     global_loss=global_loss, channels_last=channels_last)
+        if evaluator is None or any(v is None for v in given.values()):
+            d = _default_config()
+            defaults = dict(checkpoint_freq=d.vi.train.checkpoint_freq,
+                            keep_last=d.vi.train.keep_last, amp=d.train.amp,
+                            global_loss=d.vi.dist.global_loss,
+                            channels_last=d.train.channels_last)
+            given = {k: defaults[k] if v is None else v for k, v in given.items()}
+            evaluator = evaluator or CrossModalEvaluator.from_config(d)
+        for key, cfg_key in (('checkpoint_freq', 'vi.train.checkpoint_freq'),
+                             ('keep_last', 'vi.train.keep_last')):
+            value = given[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f'{cfg_key}={value!r}; expected an int >= 0')
         self.evaluator = evaluator
-        self.checkpoint_freq = checkpoint_freq
+        self.checkpoint_freq = given['checkpoint_freq']
+        self.keep_last = given['keep_last']
+        self.global_loss = bool(given['global_loss'])
+        self.channels_last = bool(given['channels_last'])
         self.results = results
-        self.device = torch.device('cuda' if self.use_gpu else 'cpu')
+        self.device = next(iter(unwrap_model(self.model).parameters()), torch.empty(0)).device \
+            if self.model is not None else torch.device('cpu')
+        if self.use_gpu and self.device.type != 'cuda':
+            self.device = torch.device('cuda')
         self.epoch = 0
+        self.batch_idx = 0
         self.last_results: Dict[str, dict] = {}
         self.config_dump = None  # the run's config as yaml text, stored in checkpoints
-        self._setup_amp(amp)
+        self.last_checkpoint: Optional[str] = None
+        self._resume_loader_state = None
+        self._stop_signal: Optional[int] = None
+        self._trainable = ({id(p): p.requires_grad for p in self.model.parameters()}
+                           if self.model is not None else {})
+        self._setup_amp(given['amp'])
 
     def _setup_amp(self, amp: str) -> None:
         if amp not in AMP_MODES:
@@ -125,6 +212,12 @@ class CrossModalEngine(tr.engine.Engine):
         self.amp = amp
         self.amp_dtype = _AMP_DTYPES.get(amp)
         self.scaler = torch.amp.GradScaler('cuda') if amp == 'fp16' else None
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """The network without its DDP wrapper: evaluation runs on rank 0 only, and a wrapped
+        forward would wait for the other ranks."""
+        return unwrap_model(self.model)
 
     def autocast(self):
         """The autocast context of the network's forward pass (a no-op with ``amp='none'``)."""
@@ -144,6 +237,13 @@ class CrossModalEngine(tr.engine.Engine):
             loss.backward()
             self.optimizer.step()
 
+    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` of the global batch (all ranks' slices, in rank order, with gradient) when
+        the run is distributed with ``global_loss``; ``tensor`` itself otherwise."""
+        if self.global_loss and dist_utils.is_distributed():
+            return dist_utils.gather_batch(tensor)
+        return tensor
+
     # ------------------------------------------------------------------ training
     def parse_train_batch(self, data):
         """``(imgs, pids, modalities)`` on ``self.device``; modality from ``data['modality']``."""
@@ -153,20 +253,28 @@ class CrossModalEngine(tr.engine.Engine):
                 'train set (a torchreid_vi CrossModalDataset); multi-source training that mixes '
                 'in a single-modality dataset loses it')
         dev = self.device
-        return (data['img'].to(dev, non_blocking=True), data['pid'].to(dev, non_blocking=True),
+        imgs = data['img'].to(dev, non_blocking=True)
+        if self.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        return (imgs, data['pid'].to(dev, non_blocking=True),
                 data['modality'].to(dev, non_blocking=True))
 
     def run(self, save_dir='log', max_epoch=0, start_epoch=0, print_freq=10, fixbase_epoch=0,
             open_layers=None, start_eval=0, eval_freq=-1, test_only=False, dist_metric=None,
             normalize_feature=None, visrank=None, visrank_topk=None, use_metric_cuhk03=None,
             ranks=None, rerank=None):
-        """torchreid's ``Engine.run`` with exact-resume checkpoints and final-evaluation visrank.
+        """torchreid's ``Engine.run`` (same arguments) with the guarantees of the module docstring.
 
-        ``start_epoch`` is the number of finished epochs (a resumed checkpoint's ``epoch``).
-        torchreid's evaluation arguments (``dist_metric``, ``normalize_feature``, ``visrank``,
+        ``start_epoch`` is the number of finished epochs (a resumed checkpoint's ``epoch``; a
+        mid-epoch checkpoint also restores the position inside that epoch). torchreid's
+        evaluation arguments (``dist_metric``, ``normalize_feature``, ``visrank``,
         ``visrank_topk``, ``use_metric_cuhk03``, ``ranks``, ``rerank``) override the evaluator's
         options for this run when given (``rerank=True`` is torchreid's k-reciprocal re-ranking);
         ``None`` keeps them. They apply to periodic evaluations too.
+
+        Raises:
+            NothingToTrain: ``max_epoch <= start_epoch`` (and not ``test_only``).
+            EvaluationFailed, Preempted, NonFiniteLoss: see the module docstring.
         """
         self._override_eval_options(dist_metric=dist_metric, normalize_feature=normalize_feature,
                                     visrank=visrank, visrank_topk=visrank_topk,
@@ -175,40 +283,295 @@ class CrossModalEngine(tr.engine.Engine):
         self.save_dir = save_dir
         if test_only:
             self.epoch = start_epoch - 1  # evaluations are labelled with finished epochs
-            self.test(final=True)
+            self._evaluate(final=True, checkpoint=self.last_checkpoint)
             return
+        if max_epoch <= start_epoch:
+            raise NothingToTrain(
+                f'nothing to train: train.max_epoch={max_epoch} and the run starts after '
+                f'{start_epoch} finished epochs' + (
+                    ' (the resumed checkpoint is at or past train.max_epoch)' if start_epoch
+                    else '') + '; raise train.max_epoch, or evaluate with test.evaluate True')
+        if fixbase_epoch and dist_utils.is_distributed():
+            raise ValueError('train.fixbase_epoch is not supported with torchrun: DDP needs the '
+                             'same trainable parameters at every step; use fixbase_epoch 0')
         from torch.utils.tensorboard import SummaryWriter
-        if self.writer is None:
+        if self.writer is None and dist_utils.is_main_process():
             self.writer = SummaryWriter(log_dir=save_dir)
         self.start_epoch, self.max_epoch = start_epoch, max_epoch
         time_start = time.time()
         print('=> Start training')
-        for self.epoch in range(start_epoch, max_epoch):
-            sampler = getattr(self.train_loader, 'sampler', None)
-            if hasattr(sampler, 'set_epoch'):
-                sampler.set_epoch(self.epoch)
-            self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
-                       open_layers=open_layers)
-            done = self.epoch + 1
-            final = done == max_epoch
-            rank1 = None
-            if final or (eval_freq > 0 and done >= start_eval and done % eval_freq == 0):
-                if final:
-                    print('=> Final test')
-                # Evaluation must not move the training trajectory: its data loaders draw from
-                # the global RNGs, so they are restored afterwards (a run that evaluates every
-                # epoch trains exactly like one that does not, and resumes stay exact).
-                state = rng_state()
-                rank1 = self.test(final=final)
-                set_rng_state(state)
-            if final or rank1 is not None or (self.checkpoint_freq > 0
-                                              and done % self.checkpoint_freq == 0):
-                self.save_model(self.epoch, rank1, save_dir)
+        with self._stop_signals():
+            for self.epoch in range(start_epoch, max_epoch):
+                self.train(print_freq=print_freq, fixbase_epoch=fixbase_epoch,
+                           open_layers=open_layers)
+                done = self.epoch + 1
+                final = done == max_epoch
+                evaluate = final or (eval_freq > 0 and done >= start_eval
+                                     and done % eval_freq == 0)
+                periodic = self.checkpoint_freq > 0 and done % self.checkpoint_freq == 0
+                if evaluate or periodic:
+                    # weights first: the checkpoint is on disk before anything that can fail
+                    path = self.save_model(self.epoch, None, save_dir, keep=final or evaluate)
+                if evaluate:
+                    if final:
+                        print('=> Final test')
+                    self._evaluate(final=final, checkpoint=path)
         print(f'Elapsed {time.strftime("%H:%M:%S", time.gmtime(time.time() - time_start))}')
         if self.writer is not None:
             self.writer.close()
             self.writer = None
 
+    def _evaluate(self, final: bool, checkpoint: Optional[str]) -> None:
+        """Evaluate on rank 0 (the others wait); a failure becomes :class:`EvaluationFailed`."""
+        error = None
+        if dist_utils.is_main_process():
+            # Evaluation must not move the training trajectory: data loaders and torchreid's
+            # evaluation may draw from the global RNGs, so they are restored afterwards.
+            state = rng_state()
+            try:
+                self.test(final=final, checkpoint=checkpoint)
+            except Exception as exc:  # noqa: BLE001 - re-raised below with the checkpoint
+                error = f'{type(exc).__name__}: {exc}'
+                cause = exc
+            finally:
+                set_rng_state(state)
+        error = dist_utils.broadcast_object(error)
+        if error is not None:
+            what = 'the final evaluation' if final else f'the evaluation after epoch {self.epoch + 1}'
+            raise EvaluationFailed(f'{what} failed: {error}', checkpoint,
+                                   self.epoch + 1) from (cause if dist_utils.is_main_process()
+                                                         else None)
+        dist_utils.barrier()
+
+    @contextlib.contextmanager
+    def _stop_signals(self):
+        """SIGTERM/SIGINT set a flag that the step loop honours; a second SIGINT aborts."""
+        def handler(signum, frame):
+            if self._stop_signal is not None and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            print(f'\n=> {signal.Signals(signum).name} received: finishing the current step, '
+                  f'then writing a resumable checkpoint (send SIGINT again to abort now)',
+                  flush=True)
+        previous = {}
+        try:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread: the caller handles signals
+            previous = {}
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+
+    def _should_stop(self) -> Optional[int]:
+        """The signal that asks every rank to stop (all ranks agree after each step)."""
+        flag = self._stop_signal or 0
+        if dist_utils.is_distributed():
+            t = torch.tensor([flag], dtype=torch.int64, device=self.device
+                             if torch.distributed.get_backend() == 'nccl' else 'cpu')
+            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+            flag = int(t.item())
+        return flag or None
+
+    def _set_trainable(self, fixbase_epoch: int, open_layers) -> None:
+        # torchreid's open_all_layers would set requires_grad on every parameter (a BNNeck's
+        # frozen bias too); the flags the model was built with are restored instead.
+        model = unwrap_model(self.model)
+        if fixbase_epoch and self.epoch + 1 <= fixbase_epoch and open_layers is not None:
+            print(f'* Only train {open_layers} (epoch: {self.epoch + 1}/{fixbase_epoch})')
+            tr.utils.open_specified_layers(model, open_layers)
+        else:
+            for p in model.parameters():
+                p.requires_grad_(self._trainable.get(id(p), p.requires_grad))
+
+    def _batch_sampler(self) -> Optional[EpochBatchSampler]:
+        bs = getattr(self.train_loader, 'batch_sampler', None)
+        return bs if isinstance(bs, EpochBatchSampler) else None
+
+    def train(self, print_freq=10, fixbase_epoch=0, open_layers=None):
+        """One epoch (``self.epoch``): torchreid's loop and log lines, plus the stop checks."""
+        losses = tr.utils.MetricMeter()
+        batch_time, data_time = tr.utils.AverageMeter(), tr.utils.AverageMeter()
+        self.set_model_mode('train')
+        self._set_trainable(fixbase_epoch, open_layers)
+        batches = self._batch_sampler()
+        first = 0
+        if batches is not None:
+            if self._resume_loader_state is not None and \
+                    int(self._resume_loader_state['epoch']) == self.epoch:
+                batches.load_state_dict(self._resume_loader_state)
+                first = batches.position
+                print(f'=> Resuming epoch {self.epoch + 1} at step {first + 1}')
+            else:
+                batches.set_epoch(self.epoch)
+            self._resume_loader_state = None
+        else:
+            sampler = getattr(self.train_loader, 'sampler', None)
+            if hasattr(sampler, 'set_epoch'):
+                sampler.set_epoch(self.epoch)
+        self.num_batches = len(self.train_loader)
+        end = time.time()
+        for self.batch_idx, data in enumerate(self.train_loader, start=first):
+            data_time.update(time.time() - end)
+            summary = self.forward_backward(data)
+            batch_time.update(time.time() - end)
+            self._check_finite(summary)
+            losses.update(summary)
+            if (self.batch_idx + 1) % print_freq == 0:
+                remaining = (self.num_batches - self.batch_idx - 1
+                             + (self.max_epoch - self.epoch - 1) * self.num_batches)
+                eta = str(datetime.timedelta(seconds=int(batch_time.avg * remaining)))
+                print(f'epoch: [{self.epoch + 1}/{self.max_epoch}]'
+                      f'[{self.batch_idx + 1}/{self.num_batches}]\t'
+                      f'time {batch_time.val:.3f} ({batch_time.avg:.3f})\t'
+                      f'data {data_time.val:.3f} ({data_time.avg:.3f})\t'
+                      f'eta {eta}\t{losses}\tlr {self.get_current_lr():.6f}')
+            if self.writer is not None:
+                step = self.epoch * self.num_batches + self.batch_idx
+                for name, value in summary.items():
+                    self.writer.add_scalar(f'Train/{name}', value, step)
+                self.writer.add_scalar('Train/lr', self.get_current_lr(), step)
+                self.writer.add_scalar('Train/time', batch_time.val, step)
+                self.writer.add_scalar('Train/data', data_time.val, step)
+            signum = self._should_stop()
+            if signum is not None:
+                self._preempt(signum)
+            end = time.time()
+        self.update_lr()
+
+    def _check_finite(self, summary: Dict[str, float]) -> None:
+        bad = {k: v for k, v in summary.items() if not math.isfinite(v)}
+        if bad:
+            terms = ', '.join(f'{k}={v}' for k, v in bad.items())
+            last = self.last_checkpoint
+            raise NonFiniteLoss(
+                f'training diverged at epoch {self.epoch + 1}, step {self.batch_idx + 1}: '
+                f'{terms}. ' + (f'The last good checkpoint is {last}; resume from it with a lower '
+                                f'train.lr' if last else 'No checkpoint was written yet; lower '
+                                                         'train.lr') + ' (the weights in memory '
+                f'are not saved)', last)
+
+    def _preempt(self, signum: int) -> None:
+        path = self.save_interrupted(self.save_dir)
+        name = signal.Signals(signum).name
+        raise Preempted(f'stopped by {name} at epoch {self.epoch + 1}, step '
+                        f'{self.batch_idx + 1}/{self.num_batches}; resumable checkpoint {path}',
+                        path, signum)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _training_state(self, epoch: int, rank1=None, **extra) -> dict:
+        rngs = dist_utils.all_gather_objects(rng_state())  # every rank's streams
+        state = training_state(self.model, self.optimizer, self.scheduler, epoch=epoch,
+                               rank1=rank1, extra={'rng_per_rank': rngs,
+                                                   'world_size': dist_utils.world_size(), **extra})
+        if self.config_dump is not None:
+            state['config'] = self.config_dump
+        if self.scaler is not None:
+            state['scaler'] = self.scaler.state_dict()
+        return state
+
+    def save_model(self, epoch, rank1, save_dir, is_best=False, keep: bool = False) -> str:
+        """Atomic checkpoint ``<save_dir>/model/model.pth.tar-<epoch+1>`` (rank 0 writes it), then
+        the retention rule (``keep_last``); returns its path. ``keep`` exempts it from pruning
+        (the final one, those evaluations came from)."""
+        path = osp.join(save_dir, 'model', f'{_CKPT_PREFIX}{epoch + 1}')
+        state = self._training_state(epoch + 1, rank1)
+        if dist_utils.is_main_process():
+            save_checkpoint(state, path)
+            print(f'Checkpoint saved to "{path}"')
+            if keep:
+                self._kept = getattr(self, '_kept', set()) | {path}
+            self._prune(osp.dirname(path), newest=path)
+        dist_utils.barrier()
+        self.last_checkpoint = path
+        return path
+
+    def save_interrupted(self, save_dir: str) -> Optional[str]:
+        """A resumable mid-epoch checkpoint ``model/model.pth.tar-interrupted`` (after
+        ``self.batch_idx + 1`` steps of epoch ``self.epoch``)."""
+        batches = self._batch_sampler()
+        loader = batches.state_dict(self.batch_idx + 1) if batches is not None else None
+        state = self._training_state(self.epoch, step=self.batch_idx + 1, loader=loader)
+        path = osp.join(save_dir, 'model', f'{_CKPT_PREFIX}{INTERRUPTED_SUFFIX}')
+        if dist_utils.is_main_process():
+            save_checkpoint(state, path)
+            print(f'Resumable checkpoint saved to "{path}"')
+        dist_utils.barrier()
+        return path
+
+    def _prune(self, folder: str, newest: str) -> None:
+        """Remove periodic checkpoints beyond the newest ``keep_last`` (kept ones exempt), and an
+        interrupted one that a newer full checkpoint supersedes."""
+        interrupted = osp.join(folder, f'{_CKPT_PREFIX}{INTERRUPTED_SUFFIX}')
+        if osp.exists(interrupted) and osp.getmtime(interrupted) <= osp.getmtime(newest):
+            os.unlink(interrupted)
+        if not self.keep_last:
+            return
+        kept = getattr(self, '_kept', set())
+        numbered = []
+        for p in glob.glob(osp.join(folder, _CKPT_PREFIX + '*')):
+            suffix = p.rsplit('-', 1)[1]
+            if suffix.isdigit() and p not in kept:
+                numbered.append((int(suffix), p))
+        for _, p in sorted(numbered)[:-self.keep_last]:
+            os.unlink(p)
+            print(f'Removed old checkpoint "{p}" (vi.train.keep_last {self.keep_last})')
+
+    def resume(self, path: str) -> int:
+        """Restore model, optimizer, scheduler, GradScaler, this rank's RNG states and (for a
+        mid-epoch checkpoint) the loader's position from ``path``; returns the number of finished
+        epochs (the ``start_epoch`` of ``run``)."""
+        ckpt = resume_from_checkpoint(path, self.model, self.optimizer, self.scheduler,
+                                      restore_rng=False)
+        rngs = ckpt.get('rng_per_rank')
+        if rngs is not None:
+            if int(ckpt.get('world_size', 1)) != dist_utils.world_size():
+                print(f'Note: {path} was written by {ckpt.get("world_size")} processes, this run '
+                      f'has {dist_utils.world_size()}: RNG streams restart from rank 0\'s')
+            set_rng_state(rngs[min(dist_utils.rank(), len(rngs) - 1)])
+        elif ckpt.get('rng') is not None:
+            set_rng_state(ckpt['rng'])
+        if self.scaler is not None and ckpt.get('scaler') is not None:
+            self.scaler.load_state_dict(ckpt['scaler'])
+        if ckpt.get('loader') is not None:
+            self._resume_loader_state = ckpt['loader']
+            if self._batch_sampler() is None:
+                print(f'Note: the train loader cannot resume mid-epoch; epoch '
+                      f'{int(ckpt["epoch"]) + 1} restarts from its first step')
+        self.last_checkpoint = path
+        return int(ckpt['epoch'])
+
+    def checkpoint_epoch(self, path: str) -> int:
+        """The finished epochs of checkpoint ``path`` (0 for a bare state dict)."""
+        try:
+            return int(load_checkpoint(path).get('epoch', 0))
+        except Exception:  # noqa: BLE001 - only a label; loading errors surface elsewhere
+            return 0
+
+    # ------------------------------------------------------------------ features
+    def extract_features(self, imgs: torch.Tensor, modality: int = VISIBLE
+                         ) -> Union[torch.Tensor, FeatureDict]:
+        """Eval-mode features of a batch of one modality: ``(B, D)`` or a dict of them."""
+        with self.autocast():
+            return self.eval_model(imgs).float()
+
+    def _extract_on_device(self, imgs: torch.Tensor, modality: int):
+        imgs = imgs.to(self.device, non_blocking=True)
+        if self.channels_last:
+            imgs = imgs.contiguous(memory_format=torch.channels_last)
+        return self.extract_features(imgs, modality)
+
+    def feature_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """The evaluator's configured distance (``test.dist_metric``, normalisation)."""
+        return self.evaluator.feature_distance(a, b)
+
+    def pairwise_distance(self, ir: FeatureDict, vis: FeatureDict) -> torch.Tensor:
+        """``(n_ir, n_vis)`` distances of infrared rows to visible columns (lower = closer)."""
+        return self.evaluator.default_distance(ir, vis)
+
+    # ------------------------------------------------------------------ evaluation
     def _override_eval_options(self, *, dist_metric, normalize_feature, visrank, visrank_topk,
                                use_metric_cuhk03, ranks, rerank) -> None:
         changes = {k: v for k, v in (('dist_metric', dist_metric),
@@ -223,59 +586,19 @@ class CrossModalEngine(tr.engine.Engine):
         if changes:
             self.evaluator.options = self.evaluator.options.replace(**changes)
 
-    def save_model(self, epoch, rank1, save_dir, is_best=False):
-        """Atomic checkpoint ``<save_dir>/model/model.pth.tar-<epoch+1>`` with RNG state (and the
-        GradScaler's under fp16)."""
-        extra = {}
-        if self.config_dump is not None:
-            extra['config'] = self.config_dump
-        if self.scaler is not None:
-            extra['scaler'] = self.scaler.state_dict()
-        for name in self.get_model_names():
-            state = training_state(self._models[name], self._optims[name], self._scheds[name],
-                                   epoch=epoch + 1, rank1=rank1, extra=extra)
-            path = osp.join(save_dir, name, f'model.pth.tar-{epoch + 1}')
-            save_checkpoint(state, path)
-            print(f'Checkpoint saved to "{path}"')
-
-    def resume(self, path: str) -> int:
-        """Restore model, optimizer, scheduler, GradScaler and RNG states from checkpoint
-        ``path``; returns its number of finished epochs (the ``start_epoch`` of ``run``)."""
-        ckpt = resume_from_checkpoint(path, self.model, self.optimizer, self.scheduler)
-        if self.scaler is not None and ckpt.get('scaler') is not None:
-            self.scaler.load_state_dict(ckpt['scaler'])
-        return int(ckpt['epoch'])
-
-    # ------------------------------------------------------------------ features
-    def extract_features(self, imgs: torch.Tensor, modality: int = VISIBLE
-                         ) -> Union[torch.Tensor, FeatureDict]:
-        """Eval-mode features of a batch of one modality: ``(B, D)`` or a dict of them."""
-        return self.model(imgs)
-
-    def _extract_on_device(self, imgs: torch.Tensor, modality: int):
-        return self.extract_features(imgs.to(self.device, non_blocking=True), modality)
-
-    def feature_distance(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """The evaluator's configured distance (``test.dist_metric``, normalisation)."""
-        return self.evaluator.feature_distance(a, b)
-
-    def pairwise_distance(self, ir: FeatureDict, vis: FeatureDict) -> torch.Tensor:
-        """``(n_ir, n_vis)`` distances of infrared rows to visible columns (lower = closer)."""
-        return self.evaluator.default_distance(ir, vis)
-
-    # ------------------------------------------------------------------ evaluation
-    def test(self, final: bool = False):
+    def test(self, final: bool = False, checkpoint: Optional[str] = None):
         """Evaluate every target; returns the headline rank-1 (fraction) of the last target."""
         self.set_model_mode('eval')
         rank1 = 0.0
         for name in self.test_loader:
             if isinstance(self.test_loader[name]['query'].dataset, CrossModalDataset):
-                rank1 = self.evaluate_cross_modal_target(name, final=final)
+                rank1 = self.evaluate_cross_modal_target(name, final=final,
+                                                         checkpoint=checkpoint)
             else:
-                rank1 = self._evaluate_torchreid_target(name, final=final)
+                rank1 = self._evaluate_torchreid_target(name, final=final, checkpoint=checkpoint)
         return rank1
 
-    def _evaluate_torchreid_target(self, name, final):
+    def _evaluate_torchreid_target(self, name, final, checkpoint=None):
         # torchreid's own rule for single-modality targets (e.g. market1501).
         print(f'##### Evaluating {name} (torchreid protocol) #####')
         o = self.evaluator.options
@@ -288,12 +611,14 @@ class CrossModalEngine(tr.engine.Engine):
             rerank=o.rerank != 'none')
         self._log_scalars(f'Test/{name}', {'rank1': rank1, 'mAP': mAP})
         if self.results is not None:
-            self.results.add_evaluation(self.epoch, name, {f'{name}/torchreid': {
-                'mean': {'rank1': float(rank1), 'mAP': float(mAP)}}}, protocol='torchreid')
+            self.results.add_evaluation(self.epoch + 1, name, {f'{name}/torchreid': {
+                'mean': {'rank1': float(rank1), 'mAP': float(mAP)}}}, checkpoint=checkpoint,
+                final=bool(final), protocol='torchreid')
         return float(rank1)
 
     @torch.no_grad()
-    def evaluate_cross_modal_target(self, name: str, final: bool = False) -> float:
+    def evaluate_cross_modal_target(self, name: str, final: bool = False,
+                                    checkpoint: Optional[str] = None) -> float:
         """One feature pass, one distance matrix, every setting × trial of the dataset."""
         qloader, gloader = self.test_loader[name]['query'], self.test_loader[name]['gallery']
         results, dist = self.evaluator.evaluate(
@@ -302,7 +627,8 @@ class CrossModalEngine(tr.engine.Engine):
         for key, res in results.items():
             self._log_scalars(f'Test/{key}', {m: res.mean[m] for m in ('rank1', 'mAP', 'mINP')})
         if self.results is not None:
-            self.results.add_evaluation(self.epoch + 1, name, results, final=bool(final))
+            self.results.add_evaluation(self.epoch + 1, name, results, checkpoint=checkpoint,
+                                        final=bool(final))
         self.last_results[name] = results
         if final and self.evaluator.options.visrank:
             self.evaluator.visualize(name, qloader.dataset, gloader.dataset, dist,
@@ -316,12 +642,16 @@ class CrossModalEngine(tr.engine.Engine):
     def _log_scalars(self, prefix: str, values: Dict[str, float]) -> None:
         if self.writer is not None:
             for metric, value in values.items():
-                self.writer.add_scalar(f'{prefix}/{metric}', value, self.epoch)
+                self.writer.add_scalar(f'{prefix}/{metric}', value, self.epoch + 1)
 
-    def prepare_evaluation(self) -> None:
+    def prepare_evaluation(self) -> List[str]:
         """Pre-flight: build and check every cross-modal target's settings now (seconds), so a
-        bad option or a missing file stops the run before the first training step."""
+        bad option or a missing file stops the run before the first training step. Returns the
+        target names checked."""
+        checked = []
         for name in self.test_loader:
             dataset = self.test_loader[name]['query'].dataset
             if isinstance(dataset, CrossModalDataset):
                 self.evaluator.prepare(name, dataset)
+                checked.append(name)
+        return checked

@@ -59,8 +59,7 @@ class IDKLEngine(CrossModalEngine):
                 f'built with {net.confuser_mode!r}; build both from the same config (the model '
                 f'factory takes confuser_mode=...)')
         self.criterion = criterion
-        loader = getattr(datamanager, 'train_loader', None)
-        sampler = getattr(loader, 'sampler', None)
+        sampler = getattr(datamanager, 'train_sampler', None)
         if sampler is not None and not getattr(type(sampler), 'requires_modality', False):
             print(f'IDKL: the train sampler is {type(sampler).__name__}; IDKL needs batches of '
                   f'P identities x (m visible + m infrared) images (sampler.train_sampler '
@@ -77,6 +76,9 @@ class IDKLEngine(CrossModalEngine):
         imgs, pids, modalities = self.parse_train_batch(data)
         with self.autocast():
             outputs = self.model(imgs)
+        # the losses see the global batch under torchrun (every rank's slice, in rank order)
+        outputs = {k: self.gather(v) for k, v in outputs.items()}
+        pids, modalities = self.gather(pids), self.gather(modalities)
         terms = self.criterion(outputs, pids, modalities)  # float32, outside autocast
         self.backward_and_step(terms['loss'])
         names = list(terms)
@@ -87,4 +89,4 @@ class IDKLEngine(CrossModalEngine):
     def extract_features(self, imgs: torch.Tensor, modality: int = 0) -> torch.Tensor:
         """``(B, D)`` BN'd shared features (float32), under autocast when ``amp`` is on."""
         with self.autocast():
-            return self.model(imgs).float()
+            return self.eval_model(imgs).float()

@@ -110,11 +110,20 @@ class XIVEngine(CrossModalEngine):
             labels = torch.cat([ir_pids, vis_pids])
             blocks = {'I': slice(0, n_ir), 'V': slice(n_ir, n_ir + n_vis)}
         # One forward of [I, X, V]: X = g(V) is made inside, so L_X and L_C train g through f.
-        logits, feats = self.model(ir, visible=vis, use_x=self.use_x)
+        with self.autocast():
+            logits, feats = self.model(ir, visible=vis, use_x=self.use_x)
+        logits, feats = logits.float(), feats.float()
+        gathered = self.gather(labels)
+        if gathered is not labels:
+            # the global batch is every rank's [I, X, V] in rank order: each block's rows are
+            # that block's local rows, offset per rank (identities keep the sampler's order)
+            n, world = len(labels), len(gathered) // len(labels)
+            offsets = torch.arange(world, device=labels.device).view(-1, 1) * n
+            blocks = {k: (offsets + torch.arange(s.start, s.stop, device=labels.device)).view(-1)
+                      for k, s in blocks.items()}
+            logits, feats, labels = self.gather(logits), self.gather(feats), gathered
         terms = self.criterion(logits, feats, labels, blocks)
-        self.optimizer.zero_grad()
-        terms['loss'].backward()
-        self.optimizer.step()
+        self.backward_and_step(terms['loss'])
         names = list(terms)
         values = torch.stack([terms[k].detach().float() for k in names]).tolist()  # one sync
         return dict(zip(names, values))
@@ -123,9 +132,10 @@ class XIVEngine(CrossModalEngine):
     def extract_features(self, imgs: torch.Tensor, modality: int = VISIBLE
                          ) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:
         """``f(I)`` for infrared; ``{'feat': f(V), 'feat_x': f(g(V))}`` for visible with fusion."""
-        feat = self.model(imgs)
-        if modality == VISIBLE and self.fusion:
-            return {'feat': feat, 'feat_x': self.model(imgs, x_view=True)}
+        with self.autocast():
+            feat = self.eval_model(imgs).float()
+            if modality == VISIBLE and self.fusion:
+                return {'feat': feat, 'feat_x': self.eval_model(imgs, x_view=True).float()}
         return {'feat': feat}
 
     def pairwise_distance(self, ir: Dict[str, torch.Tensor], vis: Dict[str, torch.Tensor]
