@@ -250,7 +250,7 @@ def _wrap_distributed(cfg, model, device):
     """SyncBatchNorm (``vi.dist.sync_bn``) and DistributedDataParallel under ``torchrun``."""
     from .utils import distributed as dist_utils
     if cfg.vi.dist.sync_bn:
-        model = dist_utils.convert_sync_batchnorm(model)
+        model = dist_utils.convert_sync_batchnorm(model, device)
     ids = [device.index] if device.type == 'cuda' else None
     # static_graph: the set of parameters a step uses never changes (fixed generators, unused
     # heads are fine) and DDP need not search the graph for unused ones at every step.

@@ -10,8 +10,8 @@ identity, in a plain single-process run.
 * :func:`gather_batch` — concatenate a tensor's per-rank slices with gradient
   (``torch.distributed.nn.functional.all_gather``), so a batch-global loss (batch-hard triplet,
   IDKL's affinities) sees the global batch on every rank.
-* :class:`SyncBatchNorm` / :func:`convert_sync_batchnorm` — torch's ``SyncBatchNorm`` (CUDA
-  kernels) plus a CPU path for gloo, built from the same autograd-aware ``all_reduce``.
+* :func:`convert_sync_batchnorm` — torch's ``SyncBatchNorm`` on CUDA, :class:`CPUSyncBatchNorm`
+  (built from the autograd-aware ``all_reduce``) for gloo on CPUs.
 
 Example::
 
@@ -32,10 +32,11 @@ from typing import Any, List, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 __all__ = ['unwrap_model', 'init_from_environment', 'is_distributed', 'rank', 'local_rank',
            'world_size', 'is_main_process', 'barrier', 'broadcast_object', 'all_gather_objects',
-           'gather_batch', 'SyncBatchNorm', 'convert_sync_batchnorm', 'launched_by_torchrun']
+           'gather_batch', 'CPUSyncBatchNorm', 'convert_sync_batchnorm', 'launched_by_torchrun']
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -139,28 +140,32 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------
 # synchronised batch normalisation
 
-class SyncBatchNorm(nn.SyncBatchNorm):
-    """torch's ``SyncBatchNorm`` with a CPU path, so gloo runs (and CPU tests) normalise with the
-    statistics of the global batch exactly as NCCL runs do.
+class CPUSyncBatchNorm(_BatchNorm):
+    """A BatchNorm whose training statistics are those of the global batch on a gloo (CPU)
+    process group; torch's ``nn.SyncBatchNorm`` has CUDA kernels only (and DDP refuses it on
+    CPU modules).
 
-    On CUDA (and in eval mode, or outside a process group) this is torch's module unchanged. On
-    CPU in training, the per-channel sum, sum of squares and count are summed over ranks with
-    the autograd-aware ``torch.distributed.nn.functional.all_reduce`` (in float64), giving the
-    batch mean and biased variance of the whole global batch for the normalisation and the
-    unbiased variance for the running statistics, as ``nn.BatchNorm`` computes them on one
-    process holding the whole batch.
+    The per-channel sum, sum of squares and count are summed over ranks with the autograd-aware
+    ``torch.distributed.nn.functional.all_reduce`` (in float64), giving the batch mean and biased
+    variance of the whole global batch for the normalisation and the unbiased variance for the
+    running statistics, as ``nn.BatchNorm`` computes them on one process holding the whole batch.
+    In eval mode, or outside a process group, it is a plain BatchNorm.
     """
 
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f'expected at least 2-D input (got {input.dim()}-D)')
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if input.device.type != 'cpu' or not (self.training and is_distributed()):
+        if not (self.training and is_distributed()):
             return super().forward(input)
         from torch.distributed.nn.functional import all_reduce
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
         x = input.double()
-        count = torch.tensor(float(input.numel() // input.size(1)), dtype=torch.float64)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), count.view(1)])
-        stats = all_reduce(stats, group=self.process_group or dist.group.WORLD)
+        count = torch.tensor([float(input.numel() // input.size(1))], dtype=torch.float64,
+                             device=input.device)
+        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         c = input.size(1)
         n = stats[-1]
         mean = stats[:c] / n
@@ -174,22 +179,28 @@ class SyncBatchNorm(nn.SyncBatchNorm):
                 self.running_mean.mul_(1 - m).add_(m * mean.to(self.running_mean.dtype))
                 self.running_var.mul_(1 - m).add_(m * unbiased.to(self.running_var.dtype))
         shape = [1, c] + [1] * (input.dim() - 2)
-        out = (x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)
-        out = out.to(input.dtype)
+        out = ((x - mean.view(shape)) / torch.sqrt(var.view(shape) + self.eps)).to(input.dtype)
         if self.affine:
             out = out * self.weight.view(shape) + self.bias.view(shape)
         return out
 
 
-def convert_sync_batchnorm(module: nn.Module) -> nn.Module:
-    """Every ``BatchNorm*d`` of ``module`` becomes a :class:`SyncBatchNorm` (parameters, buffers
-    and ``requires_grad`` kept: a BNNeck's frozen bias stays frozen)."""
-    converted = nn.SyncBatchNorm.convert_sync_batchnorm(module)
-
-    def retype(m: nn.Module):
-        if type(m) is nn.SyncBatchNorm:
-            m.__class__ = SyncBatchNorm
-        for child in m.children():
-            retype(child)
-    retype(converted)
-    return converted
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Every ``BatchNorm*d`` of ``module`` synchronised over the process group: torch's
+    ``nn.SyncBatchNorm`` on CUDA, :class:`CPUSyncBatchNorm` on CPU (parameters, buffers and
+    ``requires_grad`` kept: a BNNeck's frozen bias stays frozen)."""
+    if device.type != 'cpu':
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, _BatchNorm) and not isinstance(module, CPUSyncBatchNorm):
+        new = CPUSyncBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
+                               module.track_running_stats)
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        if module.track_running_stats:
+            new.running_mean, new.running_var = module.running_mean, module.running_var
+            new.num_batches_tracked = module.num_batches_tracked
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        module.add_module(name, convert_sync_batchnorm(child, device))
+    return module
