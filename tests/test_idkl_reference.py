@@ -63,8 +63,9 @@ def reference_path() -> str:
 def fx():
     path = reference_path()
     if not os.path.isfile(path):
-        pytest.skip(f'IDKL reference values not found at {os.path.abspath(path)} (the shared '
-                    f'folder beside the checkout); set {ENV_VAR} to the folder or the file')
+        where = f'${ENV_VAR}' if os.environ.get(ENV_VAR) else 'the shared folder beside the checkout'
+        pytest.skip(f'IDKL reference values not found at {os.path.abspath(path)} ({where}); '
+                    f'set {ENV_VAR} to the folder holding {FILE_NAME} or to the file')
     data = torch.load(path, weights_only=True)
     assert data['format_version'] == 1, f'{path}: unknown format_version {data["format_version"]}'
     return data

@@ -43,7 +43,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ['Row', 'Table', 'TABLES', 'DATASET_SIZES', 'ASSUMED_TFLOPS', 'ROOT', 'command',
            'row_commands', 'row_configs', 'build_row_config', 'forward_macs', 'resnet50_macs',
-           'estimate_seconds', 'render', 'replace_block', 'main', 'BEGIN', 'END']
+           'generator_macs', 'Cost', 'cost', 'estimate_seconds', 'render', 'replace_block', 'main',
+           'BEGIN', 'END']
 
 ROOT = '/data'
 # Assumed sustained training throughput of one GPU (A100-class), FLOP/s, by train.amp.
@@ -298,20 +299,29 @@ def row_configs(row: Row) -> list:
 # ------------------------------------------------------------------------------------------------
 # cost
 
+def _count_macs(build, shape, train: bool) -> float:
+    """Multiply-adds per image of ``build()`` on a ``shape`` batch (meta device, nothing runs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.device('meta'):
+        module = build()
+        x = torch.empty(*shape)
+    module.train(train)
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops() / 2 / shape[0]
+
+
 @functools.lru_cache(maxsize=None)
 def _model_macs(model_name: str, height: int, width: int, options: Tuple, num_classes: int,
                 train: bool) -> float:
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
     from ..registry import MODELS
-    with torch.device('meta'):
-        model = MODELS.get(model_name)(num_classes=num_classes, loss='triplet', pretrained=False,
-                                       use_gpu=False, **dict(options))
-        x = torch.empty(2, 3, height, width)   # 2 images: BatchNorm1d heads need > 1 in train
-    model.train(train)
-    with FlopCounterMode(display=False) as counter:
-        model(x)
-    return counter.get_total_flops() / 2 / 2
+
+    def build():
+        return MODELS.get(model_name)(num_classes=num_classes, loss='triplet', pretrained=False,
+                                      use_gpu=False, **dict(options))
+    # 2 images: the BatchNorm1d heads need more than one in train mode
+    return _count_macs(build, (2, 3, height, width), train)
 
 
 def forward_macs(cfg, train: bool = True) -> float:
@@ -329,29 +339,17 @@ def forward_macs(cfg, train: bool = True) -> float:
 @functools.lru_cache(maxsize=None)
 def resnet50_macs(last_stride: int, height: int = 256, width: int = 128) -> float:
     """Multiply-adds of the pooled ResNet-50 feature extractor per image."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
     from ..modeling.backbones import pooled_backbone, torchreid_resnet
-    with torch.device('meta'):
-        net, _ = pooled_backbone(torchreid_resnet('resnet50', last_stride=last_stride))
-        x = torch.empty(1, 3, height, width)
-    with FlopCounterMode(display=False) as counter:
-        net.eval()(x)
-    return counter.get_total_flops() / 2
+    return _count_macs(lambda: pooled_backbone(torchreid_resnet('resnet50',
+                                                                last_stride=last_stride))[0],
+                       (1, 3, height, width), train=False)
 
 
 @functools.lru_cache(maxsize=None)
 def generator_macs(height: int = 256, width: int = 128) -> float:
     """Multiply-adds of XIV's learned generator g per image (its two 1×1 convolutions)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
     from ..methods.xiv.model import XGenerator
-    with torch.device('meta'):
-        g = XGenerator('learned')
-        x = torch.empty(1, 3, height, width)
-    with FlopCounterMode(display=False) as counter:
-        g(x)
-    return counter.get_total_flops() / 2
+    return _count_macs(lambda: XGenerator('learned'), (1, 3, height, width), train=False)
 
 
 @dataclass(frozen=True)
