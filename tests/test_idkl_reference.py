@@ -56,7 +56,7 @@ def reference_path() -> str:
     ``<repo>/../shared/data/idkl_reference/released_loss_terms.pt``."""
     where = os.environ.get(ENV_VAR) or os.path.join(REPO, '..', 'shared', 'data',
                                                     'idkl_reference')
-    return os.path.join(where, FILE_NAME) if os.path.isdir(where) else where
+    return where if where.endswith('.pt') or os.path.isfile(where) else os.path.join(where, FILE_NAME)
 
 
 @pytest.fixture(scope='module')
