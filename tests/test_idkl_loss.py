@@ -331,3 +331,153 @@ def test_invalid_options_name_the_config_key():
         idkl_loss(num_instances=1, confuser_mode='grl')(random_outputs(len(pids)), pids, mods)
     idkl_loss(num_instances=1, confuser_mode='grl', tgsa_cross_mode='cross_modal')(
         random_outputs(len(pids)), pids, mods)
+
+
+# --------------------------------------------------------------------- every term, independently
+
+def _reference_views(pids, mods):
+    """Canonical views by hand: identities by first occurrence, each identity's visible and
+    infrared batch positions in order of occurrence -> two lists of batch positions."""
+    ids = []
+    for pid in pids.tolist():
+        if pid not in ids:
+            ids.append(pid)
+    vis = [i for pid in ids for i in range(len(pids)) if pids[i] == pid and mods[i] == VIS]
+    ir = [i for pid in ids for i in range(len(pids)) if pids[i] == pid and mods[i] == IR]
+    return ids, vis, ir
+
+
+def _reference_triplet(x, y, margin):
+    d = torch.cdist(x.double(), x.double())
+    return sum(max(0.0, margin + float(d[i][y == y[i]].max()) - float(d[i][y != y[i]].min()))
+               for i in range(len(y))) / len(y)
+
+
+def _reference_entropy(z):
+    p = F.softmax(z.double(), dim=0)
+    return -float((p * p.log()).sum())
+
+
+def _reference_T(z, num_ids, m):
+    """k-th image of every identity side by side: row k = [z_{0m+k}, z_{1m+k}, ...]."""
+    return torch.stack([torch.cat([z[p * m + k] for p in range(num_ids)]) for k in range(m)])
+
+
+def reference_idkl_terms(out, pids, mods, m, *, margin, ip_weight, distill_weight, mdr_weights,
+                         csa_weight, mdr_logit_weight=1.0, tgsa=True):
+    """Spec idkl.md §3 term by term with Python loops over anchors / samples / identities."""
+    ids, vis, ir = _reference_views(pids, mods)
+    num_ids, n = len(ids), len(vis)
+    t = {}
+    t['tri_sh'] = _reference_triplet(out['f_sh'], pids, margin)
+    t['tri_sp'] = _reference_triplet(out['f_sp'], pids, margin)
+    t['tri'] = t['tri_sh'] + t['tri_sp']
+    t['ce'] = float(F.cross_entropy(out['z_sh'], pids))
+    t['id_pl'] = float(F.cross_entropy(out['z_sp'], pids))
+    t['unad'] = float(F.cross_entropy(out['d_logits'], mods))
+    pseudo = torch.zeros(len(pids), dtype=torch.long)
+    for r in range(n):                       # IR row r: 1 if r even; visible row r: 1 if r odd
+        pseudo[ir[r]] = 1 if r % 2 == 0 else 0
+        pseudo[vis[r]] = 1 if r % 2 == 1 else 0
+    t['pse'] = float(F.cross_entropy(out['q_logits'], pseudo))
+    t['F_p'] = sum(math.exp(max(0.0, _reference_entropy(out['e_Fd'][i])
+                                - _reference_entropy(out['e_F'][i]))) - 1.0
+                   for i in range(len(pids))) / len(pids)
+
+    def delta(v, p):
+        c_v = v[vis[p * m:(p + 1) * m]].double().mean(0)
+        c_i = v[ir[p * m:(p + 1) * m]].double().mean(0)
+        return float((c_v - c_i + 1e-6).norm())
+    t['IN_p'] = sum(max(0.0, delta(out['r_Fm'], p) - delta(out['r_F'], p))
+                    for p in range(num_ids)) / num_ids
+
+    sh_v, sh_i = out['f_sh'][vis], out['f_sh'][ir]
+    sp_v, sp_i = out['f_sp'][vis], out['f_sp'][ir]
+    if tgsa:
+        a_v, a_i = explicit_R(sh_v), explicit_R(sh_i)
+        cross = torch.cat([sh_v[:n // 2], sh_i[:n // 2]])
+        a_x = explicit_R(cross)
+        t['tgsa_dist'] = explicit_J(a_v, explicit_R(sp_v)) + explicit_J(a_i, explicit_R(sp_i))
+        w1, w2, w3 = mdr_weights
+        t['tgsa_mdr'] = (w1 * explicit_J(a_v, a_i) + w2 * explicit_J(a_v, a_x)
+                         + w3 * explicit_J(a_x, a_i))
+        t['soft_dt'] = t['tgsa_mdr'] + distill_weight * t['tgsa_dist']
+    else:
+        t['tgsa_dist'] = t['tgsa_mdr'] = t['soft_dt'] = 0.0
+    z_v, z_i = out['z_sh'][vis], out['z_sh'][ir]
+    zp_v, zp_i = out['z_sp'][vis], out['z_sp'][ir]
+    t['bg_kl'] = mdr_logit_weight * explicit_J(z_v, z_i) + csa_weight * (
+        explicit_J(z_v, zp_v) + explicit_J(z_i, zp_i))
+
+    def S(a, b):
+        return explicit_J(_reference_T(a, num_ids, m), _reference_T(b, num_ids, m))
+    t['sm_kl'] = mdr_logit_weight * S(z_v, z_i) + csa_weight * (S(z_v, zp_v) + S(z_i, zp_i))
+    t['loss'] = (t['tri'] + t['ce'] + t['id_pl'] + t['unad'] + t['pse']
+                 + ip_weight * (t['F_p'] + t['IN_p']) + t['soft_dt'] + t['bg_kl'] + t['sm_kl'])
+    t['acc'] = 100.0 * float((out['z_sh'].argmax(1) == pids).float().mean())
+    return t
+
+
+def scrambled_batch(pid_list, m, seed):
+    """P identities x (m visible + m infrared), rows shuffled: the two modalities list the
+    identities in different orders and the images of an identity are scattered."""
+    pids, mods = block_layout(pid_list, m)
+    perm = torch.randperm(len(pids), generator=torch.Generator().manual_seed(seed))
+    return pids[perm], mods[perm]
+
+
+@pytest.mark.parametrize('dataset', ['sysu', 'regdb'])
+def test_every_term_equals_the_explicit_reference_on_a_scrambled_batch(dataset):
+    pid_list, m = [6, 2, 9, 4], 3                  # N = 12 per modality: X = first 2 identities
+    pids, mods = scrambled_batch(pid_list, m, seed=3)
+    vis_order = [p for p in dict.fromkeys(pids[mods == VIS].tolist())]
+    ir_order = [p for p in dict.fromkeys(pids[mods == IR].tolist())]
+    assert vis_order != ir_order                   # the modalities disagree on identity order
+    out = random_outputs(len(pids), classes=10, dim=6, seed=11)
+    for k in ('f_sh', 'f_sp'):                     # identity structure: some hinges active
+        out[k] = out[k] + 6.0 * torch.randn(10, 6, generator=torch.Generator().manual_seed(2))[pids]
+    out['e_Fd'] = out['e_F'] + torch.randn(out['e_F'].shape, generator=torch.Generator()
+                                           .manual_seed(4))     # L_e: some samples active
+    weights = dict(margin=1.3, ip_weight=0.1, distill_weight=0.6, mdr_weights=(1.0, 1.0, 1.0),
+                   csa_weight=0.8) if dataset == 'sysu' else dict(
+        margin=1.3, ip_weight=0.1, distill_weight=0.1, mdr_weights=(0.1, 0.0, 0.0),
+        csa_weight=0.3, tgsa=False)
+    kwargs = dict(num_instances=m, margin=weights['margin'], ip_weight=weights['ip_weight'],
+                  tgsa_distill_weight=weights['distill_weight'],
+                  tgsa_mdr_weights=weights['mdr_weights'], csa_weight=weights['csa_weight'],
+                  tgsa_enabled=weights.get('tgsa', True))
+    terms = idkl_loss(**kwargs)(out, pids, mods)
+    expected = reference_idkl_terms(out, pids, mods, m, **weights)
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-4, abs=1e-6), name
+    # both sides of the hinges are exercised (triplet 8/24 anchors, L_e 10/24 samples, L_r 3/4
+    # identities active): a term that ignored its hinge or mixed up its inputs would show
+    assert 0 < expected['tri_sh'] and 0 < expected['tri_sp'] and 0 < expected['F_p']
+    assert 0 < expected['IN_p']
+
+
+def test_weights_reach_their_own_terms_only():
+    """Each weight of cfg.idkl scales exactly its term of the total (against the reference)."""
+    pids, mods = scrambled_batch([1, 5, 3, 0], 2, seed=8)
+    out = random_outputs(len(pids), seed=9)
+    base = dict(margin=1.3, ip_weight=0.1, distill_weight=0.6, mdr_weights=(1.0, 1.0, 1.0),
+                csa_weight=0.8)
+    odd = dict(margin=0.7, ip_weight=0.35, distill_weight=0.45, mdr_weights=(0.2, 0.7, 1.9),
+               csa_weight=0.55, mdr_logit_weight=1.7)
+    for weights in (base, odd):
+        terms = idkl_loss(num_instances=2, margin=weights['margin'],
+                          ip_weight=weights['ip_weight'],
+                          tgsa_distill_weight=weights['distill_weight'],
+                          tgsa_mdr_weights=weights['mdr_weights'],
+                          csa_weight=weights['csa_weight'],
+                          mdr_logit_weight=weights.get('mdr_logit_weight', 1.0))(out, pids, mods)
+        expected = reference_idkl_terms(out, pids, mods, 2, **weights)
+        for name in ('tri', 'soft_dt', 'tgsa_mdr', 'bg_kl', 'sm_kl', 'loss'):
+            assert float(terms[name]) == pytest.approx(expected[name], rel=1e-4), (name, weights)
+    # discriminator / confuser weights scale their CE terms in the total
+    plain = idkl_loss(num_instances=2)(out, pids, mods)
+    scaled = idkl_loss(num_instances=2, discriminator_weight=0.5, confuser_weight=2.0)(
+        out, pids, mods)
+    assert float(scaled['loss'] - plain['loss']) == pytest.approx(
+        float(-0.5 * plain['unad'] + plain['pse']), rel=1e-4)

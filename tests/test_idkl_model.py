@@ -159,6 +159,32 @@ def test_train_outputs_shapes_and_purifier_identities(net18):
     assert torch.allclose(ip.normalized.mean(dim=(2, 3)), torch.zeros(b, 512), atol=1e-4)
 
 
+def test_purifier_masks_come_from_f_and_in_f_as_released(net18):
+    """m_e = σ(W2·relu(W1·F)) from F, m_r the same bottleneck of its own from F̂ = IN(F), per
+    position; F_d+ = m_e ⊙ F, F̂_m− = m_r ⊙ F̂ (spec idkl.md §2.3), with explicit layer calls."""
+    torch.manual_seed(4)
+    feat = torch.randn(3, 512, 4, 2) * 2 + 0.5
+    pur = net18.purifier.train()
+    with torch.no_grad():
+        ip = pur(feat)
+        normalized = F.instance_norm(feat, weight=pur.norm.weight, bias=pur.norm.bias, eps=1e-5)
+        masks = {}
+        for name, source in (('mask_e', feat), ('mask_r', normalized)):
+            mask = getattr(pur, name)
+            hidden = F.relu(F.conv2d(source, mask.fc1.weight))
+            masks[name] = torch.sigmoid(F.conv2d(hidden, mask.fc2.weight))
+        wrong_source = torch.sigmoid(F.conv2d(F.relu(F.conv2d(feat, pur.mask_r.fc1.weight)),
+                                              pur.mask_r.fc2.weight))
+    assert torch.allclose(ip.normalized, normalized, atol=1e-5)
+    assert torch.allclose(ip.mask_e, masks['mask_e'], atol=1e-6)
+    assert torch.allclose(ip.mask_r, masks['mask_r'], atol=1e-6)
+    assert not torch.allclose(wrong_source, masks['mask_r'], atol=1e-3)   # F and IN(F) differ
+    assert torch.allclose(ip.enhanced, masks['mask_e'] * feat, atol=1e-5)
+    assert torch.allclose(ip.reduced, masks['mask_r'] * normalized, atol=1e-5)
+    assert torch.allclose(ip.purified, masks['mask_e'] * masks['mask_r'] * (feat + normalized),
+                          atol=1e-5)
+
+
 def test_se_mask_mode_gives_channel_masks(net18):
     feat = torch.randn(3, 512, 4, 2)
     try:

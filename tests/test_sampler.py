@@ -395,3 +395,27 @@ def test_rank_positions_reject_uneven_splits_and_bad_ranks():
     with pytest.raises(ValueError, match=r'rank=3; expected an int in 0..2'):
         s.rank_positions(3, 3)
     assert s.rank_positions(2, 3).tolist() == [4, 5, 10, 11]
+
+
+@pytest.mark.parametrize('epoch_mode', MODES)
+def test_the_k_images_of_a_block_come_in_random_order(epoch_mode):
+    """Position k of an identity's visible block pairs with position k of its infrared block
+    (IDKL's canonical views pair them), so the order within a block must be random: with exactly
+    K images per modality every image visits every position, in both halves independently."""
+    k = 3
+    counts = {p: (k, k) for p in range(4)}
+    data = make_data(counts, seed=5)
+    s = ModalityBalancedSampler(data, 2 * 2 * k, k, seed=0, epoch_mode=epoch_mode)
+    seen = {(pid, m): set() for pid in counts for m in (VISIBLE, INFRARED)}
+    pairs = {pid: set() for pid in counts}
+    for _ in range(30):
+        for batch in batches(s):
+            for b, pid in enumerate(assert_layout(batch, data, 2, k)):
+                vis, ir = batch[b * k:(b + 1) * k], batch[2 * k + b * k:2 * k + (b + 1) * k]
+                assert sorted(vis) == sorted(i for i, r in enumerate(data)
+                                             if r[1] == pid and r[3] == VISIBLE)
+                seen[pid, VISIBLE] |= {(pos, i) for pos, i in enumerate(vis)}
+                seen[pid, INFRARED] |= {(pos, i) for pos, i in enumerate(ir)}
+                pairs[pid] |= set(zip(vis, ir))
+    assert all(len(v) == k * k for v in seen.values())       # every image at every position
+    assert all(len(v) == k * k for v in pairs.values())      # every visible-infrared pairing

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from torchreid_vi._torchreid import tr
 from torchreid_vi.methods.xiv.loss import XIVLoss, cross_modality_gap, modality_respective_terms
@@ -125,3 +126,94 @@ def test_bad_arguments_name_the_key():
         xiv_loss(margin_cross=-1)
     with pytest.raises(ValueError, match='blocks'):
         xiv_loss()(LOGITS, FEATS, LABELS, {'I': slice(0, 2), 'Y': slice(2, 4)})
+
+
+# ------------------------------------------------------------------------------------------------
+# Every term against an explicit per-anchor reference, on blocks whose label vectors all differ
+# (a label mix-up between blocks changes the value) and non-zero logits (a logit mix-up does).
+
+def _reference_batch_hard(anchors, anchor_labels, candidates, candidate_labels, margin):
+    """(1/n_a) Σ_i [margin + max_{pos} D − min_{neg} D]_+ with D from torch.cdist, one anchor at
+    a time (the anchor's own set may be the candidate set: it is then its own positive, D = 0)."""
+    d = torch.cdist(anchors.double(), candidates.double())
+    total, active = 0.0, 0
+    for i in range(len(anchors)):
+        same = candidate_labels == anchor_labels[i]
+        hinge = margin + float(d[i][same].max()) - float(d[i][~same].min())
+        total += max(0.0, hinge)
+        active += hinge > 0
+    return total / len(anchors), active
+
+
+def _labelled_blocks(seed=18):
+    """36 rows: I, X and V blocks of 12 rows (3 identities x 4 images), rows of the three blocks
+    interleaved at random; the three label vectors are different orders of the same identities."""
+    g = torch.Generator().manual_seed(seed)
+    labels_by_block = {'I': [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2],
+                       'X': [2, 1, 0, 2, 1, 0, 2, 1, 0, 2, 1, 0],
+                       'V': [1, 2, 2, 0, 0, 1, 2, 1, 0, 0, 2, 1]}
+    rows = torch.randperm(36, generator=g)
+    blocks = {b: rows[12 * i:12 * (i + 1)] for i, b in enumerate('IXV')}
+    labels = torch.empty(36, dtype=torch.long)
+    for b, idx in blocks.items():
+        labels[idx] = torch.tensor(labels_by_block[b])
+    # identity centres + noise, so some hinges are active and some are not
+    centres = torch.randn(3, 6, generator=g)
+    feats = 2.0 * centres[labels] + torch.randn(36, 6, generator=g)
+    logits = 2.0 * torch.randn(36, 5, generator=g)
+    return feats, logits, labels, blocks
+
+
+def test_every_term_equals_an_explicit_per_anchor_reference_with_different_block_labels():
+    feats, logits, labels, blocks = _labelled_blocks()
+    alpha1, alpha2, lam = 0.5, 0.3, 0.37
+    terms = xiv_loss(margin_cross=alpha1, margin_intra=alpha2, lambda_cmg=lam)(
+        logits, feats, labels, blocks)
+
+    f = {b: feats[idx] for b, idx in blocks.items()}
+    y = {b: labels[idx] for b, idx in blocks.items()}
+    expected, counts = {}, {}
+    for b, name in (('I', 'ir'), ('X', 'x'), ('V', 'vis')):
+        expected[f'id_{name}'] = float(F.cross_entropy(logits[blocks[b]], y[b]))   # mean over M
+        expected[f'tri_{name}'], counts[name] = _reference_batch_hard(f[b], y[b], f[b], y[b],
+                                                                      alpha2)
+    for b, name in (('X', 'ir_x'), ('V', 'ir_vis')):
+        fwd, n_fwd = _reference_batch_hard(f['I'], y['I'], f[b], y[b], alpha1)   # I -> B
+        bwd, n_bwd = _reference_batch_hard(f[b], y[b], f['I'], y['I'], alpha1)   # B -> I
+        expected[f'cmg_{name}'] = fwd + bwd
+        counts[name] = (n_fwd, n_bwd)
+    expected['loss_m'] = sum(expected[f'{t}_{b}'] for t in ('id', 'tri') for b in ('ir', 'x', 'vis'))
+    expected['loss_c'] = expected['cmg_ir_x'] + expected['cmg_ir_vis']
+    expected['loss'] = expected['loss_m'] + lam * expected['loss_c']
+
+    # the batch exercises both sides of every hinge
+    for name in ('ir', 'x', 'vis'):
+        assert 0 < counts[name] < 12, (name, counts[name])
+    for name in ('ir_x', 'ir_vis'):
+        assert all(0 < n < 12 for n in counts[name]), (name, counts[name])
+    assert set(terms) == set(expected)
+    for name, value in expected.items():
+        assert float(terms[name]) == pytest.approx(value, rel=1e-5, abs=1e-6), name
+
+
+def test_cross_gap_uses_each_sides_own_labels():
+    """``cross_modality_gap`` on two blocks whose label vectors differ, against the reference;
+    the same blocks with the B labels replaced by A's give another value (so a mix-up shows)."""
+    feats, _, labels, blocks = _labelled_blocks(seed=9)
+    fa, ya, fb, yb = feats[blocks['I']], labels[blocks['I']], feats[blocks['V']], labels[blocks['V']]
+    fwd, _ = _reference_batch_hard(fa, ya, fb, yb, 0.5)
+    bwd, _ = _reference_batch_hard(fb, yb, fa, ya, 0.5)
+    assert float(cross_modality_gap(fa, ya, fb, yb, 0.5)) == pytest.approx(fwd + bwd, rel=1e-5)
+    wrong = sum(_reference_batch_hard(*args, 0.5)[0]
+                for args in ((fa, ya, fb, ya), (fb, ya, fa, ya)))
+    assert abs(wrong - (fwd + bwd)) > 0.05
+
+
+def test_label_smoothing_is_the_smoothed_cross_entropy_of_each_block():
+    feats, logits, labels, blocks = _labelled_blocks(seed=6)
+    terms = xiv_loss(label_smoothing=0.1)(logits, feats, labels, blocks)
+    for b, name in (('I', 'ir'), ('X', 'x'), ('V', 'vis')):
+        rows = blocks[b]
+        log_p = F.log_softmax(logits[rows].double(), dim=1)
+        smooth = -(0.9 * log_p.gather(1, labels[rows, None]).squeeze(1) + 0.1 * log_p.mean(1))
+        assert float(terms[f'id_{name}']) == pytest.approx(float(smooth.mean()), rel=1e-5), name

@@ -28,6 +28,32 @@ def test_learned_generator_has_10_parameters_and_keeps_the_shape():
     assert g(x).shape == x.shape
 
 
+def test_learned_generator_is_w2_relu_w1_x_plus_b1_plus_b2_per_pixel():
+    """g(x) = W2·relu(W1·x + b1) + b2 at every pixel, on hand-set weights (spec xiv.md §2)."""
+    g = XGenerator('learned')
+    with torch.no_grad():
+        g.reduce.weight.copy_(torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1))    # W1
+        g.reduce.bias.fill_(-0.25)                                                # b1
+        g.expand.weight.copy_(torch.tensor([2.0, -1.0, 0.5]).view(3, 1, 1, 1))    # W2
+        g.expand.bias.copy_(torch.tensor([0.1, 0.2, -0.3]))                       # b2
+    # one image, 1 x 3 pixels (channels first): (1, 0, 2), (0, 1, 0), (-1, -1, 1)
+    x = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0], [2.0, 0.0, 1.0]]).view(1, 3, 1, 3)
+    # W1·x + b1 = 1 + 1 - 0.25 = 1.75 (kept), -2 - 0.25 = -2.25 (cut), -1 + 2 + 0.5 - 0.25 = 1.25
+    # out = W2 * relu(.) + b2: (3.5 + 0.1, -1.75 + 0.2, 0.875 - 0.3), b2, (2.5 + 0.1, ...)
+    expected = torch.tensor([[3.6, 0.1, 2.6], [-1.55, 0.2, -1.05], [0.575, -0.3, 0.325]])
+    with torch.no_grad():
+        out = g(x)
+    assert out.shape == (1, 3, 1, 3)
+    assert torch.allclose(out[0, :, 0, :], expected, atol=1e-6)
+    # a batch of two computes each image on its own
+    with torch.no_grad():
+        both = g(torch.cat([x, -x]))
+    assert torch.allclose(both[:1], out, atol=1e-6)
+    # -(0, 1, 0): W1·x + b1 = 2 - 0.25 = 1.75 (kept); -(1, 0, 2): -2 - 0.25 (cut) -> b2
+    assert torch.allclose(both[1, :, 0, 1], torch.tensor([3.6, -1.55, 0.575]), atol=1e-6)
+    assert torch.allclose(both[1, :, 0, 0], torch.tensor([0.1, 0.2, -0.3]), atol=1e-6)
+
+
 def test_learned_generator_acts_per_pixel():
     """No spatial mixing: shuffling the pixels commutes with g."""
     g = XGenerator('learned')
@@ -132,6 +158,36 @@ def test_train_mode_outputs_and_strong_baseline_heads(net):
     net.loss = 'softmax'
     assert net(x).shape == (4, 5)
     net.loss = 'triplet'
+
+
+def test_training_step_feeds_the_bnneck_to_the_classifier_and_t_to_the_triplet(net):
+    """``net(ir, visible=vis)`` = one backbone pass over [I, g(V), V]; logits = classifier(BNNeck(t))
+    and the returned feature is the pre-BN t (spec xiv.md §3), pinned with explicit sub-module
+    calls."""
+    torch.manual_seed(3)
+    ir, vis = torch.rand(4, 3, 64, 32), torch.rand(4, 3, 64, 32)
+    net.train()
+    with torch.no_grad():
+        logits, t = net(ir, visible=vis)
+        t_ref = net.backbone(torch.cat([ir, net.generator(vis), vis]))   # train-mode BatchNorm
+        b_ref = net.neck(t_ref)
+        logits_ref = net.classifier(b_ref)
+        logits_2, t_2 = net(ir, visible=vis, use_x=False)
+        t2_ref = net.backbone(torch.cat([ir, vis]))
+    assert t.shape == (12, 512) and logits.shape == (12, 5)
+    assert torch.allclose(t, t_ref, atol=1e-5)
+    assert torch.allclose(logits, logits_ref, atol=1e-6)
+    # the alternatives really differ here (the test can tell them apart)
+    assert not torch.allclose(b_ref, t_ref, atol=1e-2)
+    assert not torch.allclose(net.classifier(t_ref), logits_ref, atol=1e-4)
+    assert torch.allclose(t_2, t2_ref, atol=1e-5) and t_2.shape == (8, 512)
+    assert torch.allclose(logits_2, net.classifier(net.neck(t2_ref)), atol=1e-6)
+    # torchreid's convention, one batch: (classifier(BNNeck(t)), t)
+    with torch.no_grad():
+        logits_3, t_3 = net(vis)
+        t3_ref = net.backbone(vis)
+    assert torch.allclose(t_3, t3_ref, atol=1e-5)
+    assert torch.allclose(logits_3, net.classifier(net.neck(t3_ref)), atol=1e-6)
 
 
 def test_registered_in_torchreid_factory_and_idempotent():

@@ -4,16 +4,21 @@ intensity histograms of visible vs X images (paper Fig. 3).
 Usage::
 
     python -m torchreid_vi.methods.xiv.figures --config-file xiv/sysu_mm01 \\
-        --root /data --load-weights log/xiv_sysu/model/model.pth.tar-120 --out figures/
-        [--num-ids 6] [--max-images 2000] [key value ...]
+        --root /data --load-weights log/xiv/sysu_mm01/model/model.pth.tar-120 --out figures/
+        [--num-ids 6] [--max-images 0] [--seed 0] [key value ...]
 
 Writes ``<out>/triplets.png``, ``<out>/channel_histograms.png`` and ``<out>/channel_means.json``
 (mean R, G, B of visible and X images, so "X is redder" is a number as well as a picture).
 
 Images are read from the first source dataset's training split, resized to
 ``data.height × data.width`` and normalised as at test time (no augmentation). The X image is
-``g`` of the normalised visible image, shown after undoing the normalisation and clipping to
-[0, 1] (the learned ``g`` is not constrained to the displayable range). Only the generator's
+``g`` of the normalised visible image with the normalisation undone. Like the paper (which
+averages over the training images), the channel means are of these **unclipped** values: the
+learned ``g`` is not constrained to [0, 1], so X means may lie outside it. Clipping to [0, 1]
+happens only for display (the triplet picture); ``channel_means.json`` records the means of the
+unclipped X (``x_mean_rgb``, the figure's numbers) and of the clipped X
+(``x_mean_rgb_clipped``, what the pictures show). By default every visible training image is
+used (``--max-images 0``); ``--max-images N`` draws a seeded sample of N. Only the generator's
 weights are used; the generator kind comes from ``xiv.generator`` of the config.
 """
 from __future__ import annotations
@@ -27,7 +32,8 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-__all__ = ['main', 'load_generator', 'channel_means', 'plot_triplets', 'plot_histograms']
+__all__ = ['main', 'load_generator', 'x_images', 'channel_means', 'channel_mean_table',
+           'select_images', 'plot_triplets', 'plot_histograms']
 
 _CHANNELS = (('R', 'tab:red'), ('G', 'tab:green'), ('B', 'tab:blue'))
 
@@ -82,20 +88,74 @@ def _load(paths: Sequence[str], height: int, width: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def x_images(generator, rgb: torch.Tensor) -> torch.Tensor:
-    """X images of RGB images in [0, 1], back in RGB and clipped to [0, 1]: ``(N, 3, H, W)``."""
-    return generator.denormalize(generator(generator.normalize(rgb))).clamp(0, 1)
+def x_images(generator, rgb: torch.Tensor, clip: bool = True) -> torch.Tensor:
+    """X images of RGB images, back in RGB: ``(N, 3, H, W)`` in [0, 1] → ``(N, 3, H, W)``.
+
+    ``clip``: clip to [0, 1] (for display); ``False`` keeps the de-normalised values as ``g``
+    makes them (a learned ``g`` may leave [0, 1]).
+
+    Example::
+
+        >>> import torch
+        >>> from torchreid_vi.methods.xiv.model import XGenerator
+        >>> g = XGenerator('learned')
+        >>> with torch.no_grad():
+        ...     _ = g.reduce.weight.zero_(), g.reduce.bias.fill_(1.0)    # relu(W1·x + b1) = 1
+        ...     _ = g.expand.weight.fill_(1.0), g.expand.bias.zero_()    # normalised X = 1
+        >>> raw = x_images(g, torch.rand(1, 3, 2, 2), clip=False)        # 1 * std + mean
+        >>> [round(v, 3) for v in raw[0, :, 0, 0].tolist()]
+        [0.714, 0.68, 0.631]
+    """
+    x = generator.denormalize(generator(generator.normalize(rgb)))
+    return x.clamp(0, 1) if clip else x
 
 
 def channel_means(generator, paths: Sequence[str], height: int, width: int,
-                  batch: int = 256) -> tuple:
-    """Per-image mean R, G, B of the visible images and of their X images: two ``(N, 3)``."""
-    vis, xs = [], []
+                  batch: int = 256, clip: bool = False) -> tuple:
+    """Per-image mean R, G, B of the visible images and of their X images.
+
+    Args:
+        generator: an :class:`~torchreid_vi.methods.xiv.model.XGenerator`.
+        paths: image files; height, width: the size images are resized to (pixels).
+        batch: images loaded at a time.
+        clip: average the X images clipped to [0, 1] (what the pictures show) instead of the
+            unclipped values (the default, the paper's average intensity).
+
+    Returns: two ``(N, 3)`` float32 arrays, visible and X, intensities on the [0, 1] RGB scale
+    (X unclipped unless ``clip``).
+    """
+    vis, raw, clipped = channel_mean_table(generator, paths, height, width, batch)
+    return vis, (clipped if clip else raw)
+
+
+def channel_mean_table(generator, paths: Sequence[str], height: int, width: int,
+                       batch: int = 256) -> tuple:
+    """One pass over ``paths``: per-image mean R, G, B of the visible images, of their X images
+    unclipped and of their X images clipped to [0, 1] — three ``(N, 3)`` float32 arrays."""
+    vis, raw, clipped = [], [], []
     for i in range(0, len(paths), batch):
         rgb = _load(paths[i:i + batch], height, width)
+        x = x_images(generator, rgb, clip=False)
         vis.append(rgb.mean(dim=(2, 3)))
-        xs.append(x_images(generator, rgb).mean(dim=(2, 3)))
-    return torch.cat(vis).numpy(), torch.cat(xs).numpy()
+        raw.append(x.mean(dim=(2, 3)))
+        clipped.append(x.clamp(0, 1).mean(dim=(2, 3)))
+    return tuple(torch.cat(v).numpy() for v in (vis, raw, clipped))
+
+
+def select_images(paths: Sequence[str], max_images: int, seed: int = 0) -> List[str]:
+    """All of ``paths`` (``max_images <= 0``) or a seeded sample of ``max_images``, in the
+    original order.
+
+    >>> select_images(['a', 'b', 'c'], 0)
+    ['a', 'b', 'c']
+    >>> len(select_images(['a', 'b', 'c'], 2, seed=1))
+    2
+    """
+    paths = list(paths)
+    if max_images <= 0 or max_images >= len(paths):
+        return paths
+    rng = np.random.default_rng(seed)
+    return [paths[i] for i in np.sort(rng.choice(len(paths), max_images, replace=False))]
 
 
 def plot_histograms(vis_means: np.ndarray, x_means: np.ndarray, path: str) -> None:
@@ -103,7 +163,10 @@ def plot_histograms(vis_means: np.ndarray, x_means: np.ndarray, path: str) -> No
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-    bins = np.linspace(0, 1, 41)
+    # [0, 1], widened to the data: unclipped X means may lie outside the displayable range
+    lo = min(0.0, float(np.min(vis_means)), float(np.min(x_means)))
+    hi = max(1.0, float(np.max(vis_means)), float(np.max(x_means)))
+    bins = np.linspace(lo, hi, 41)
     for ax, means, title in ((axes[0], vis_means, 'visible'), (axes[1], x_means, 'X = g(visible)')):
         for c, (name, colour) in enumerate(_CHANNELS):
             ax.hist(means[:, c], bins=bins, color=colour, alpha=0.45,
@@ -145,8 +208,9 @@ def main(argv=None) -> int:
     p.add_argument('--load-weights', default='', help='XIV checkpoint (model.pth.tar-N)')
     p.add_argument('--out', default='xiv_figures', help='output folder')
     p.add_argument('--num-ids', type=int, default=6, help='identities in the triplet figure')
-    p.add_argument('--max-images', type=int, default=2000,
-                   help='visible training images used for the histograms (a seeded sample)')
+    p.add_argument('--max-images', type=int, default=0,
+                   help='visible training images averaged for the histograms and means: 0 = all '
+                        '(the paper), N > 0 = a seeded sample of N')
     p.add_argument('--seed', type=int, default=0)
     args = p.parse_args(argv)
     cfg = _config(args)
@@ -162,15 +226,18 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     h, w = cfg.data.height, cfg.data.width
 
-    sample = [vis[i][0] for i in np.sort(rng.choice(len(vis), min(args.max_images, len(vis)),
-                                                    replace=False))]
-    vis_means, x_means = channel_means(generator, sample, h, w)
+    sample = select_images([r[0] for r in vis], args.max_images, args.seed)
+    vis_means, x_means, x_means_clipped = channel_mean_table(generator, sample, h, w)
     hist_path = osp.join(args.out, 'channel_histograms.png')
     plot_histograms(vis_means, x_means, hist_path)
     summary = {'generator': cfg.xiv.generator, 'weights': args.load_weights,
-               'num_images': len(sample),
+               'num_images': len(sample), 'num_visible_train_images': len(vis),
+               'sampled': len(sample) < len(vis), 'seed': args.seed,
                'visible_mean_rgb': [float(v) for v in vis_means.mean(0)],
-               'x_mean_rgb': [float(v) for v in x_means.mean(0)]}
+               'x_mean_rgb': [float(v) for v in x_means.mean(0)],
+               'x_mean_rgb_clipped': [float(v) for v in x_means_clipped.mean(0)],
+               'x_values': 'x_mean_rgb: de-normalised X, unclipped (the paper\'s average); '
+                           'x_mean_rgb_clipped: X clipped to [0, 1], as displayed'}
     with open(osp.join(args.out, 'channel_means.json'), 'w') as f:
         json.dump(summary, f, indent=1)
 
