@@ -536,3 +536,43 @@ def test_real_llcm_image_counts():
     s = _real(LLCM).summary()
     assert (s['train']['vis']['num_images'], s['train']['ir']['num_images']) == (16946, 13975)
     assert (s['gallery']['vis']['num_images'], s['query']['ir']['num_images']) == (8680, 7166)
+
+
+# ------------------------------------------------------------------------------ silent cases
+def test_a_repeated_index_line_is_warned_about_and_used_once(regdb_root, copy_dataset):
+    _, manifest = regdb_root
+    folder = copy_dataset(manifest, edit=('idx',))
+    idx = osp.join(folder, 'idx', 'test_visible_1.txt')
+    lines = open(idx).read().splitlines()
+    open(idx, 'w').write('\n'.join(lines + [lines[3], lines[3]]) + '\n')
+    clear_parse_cache()
+    with pytest.warns(UserWarning, match=r'regdb: 2 gallery image\(s\) are listed more than once') as record:
+        ds = RegDB(root=osp.dirname(folder), verbose=False)
+    assert lines[3].split()[0] in str(record[0].message)
+    reference = RegDB(root=regdb_root[0], verbose=False)
+    assert len(ds.gallery) == len(reference.gallery) == len(set(ds.gallery))
+
+
+def test_a_test_id_without_images_is_warned_about(sysu_root, copy_dataset):
+    _, manifest = sysu_root
+    folder = copy_dataset(manifest, edit=('exp',))
+    path = osp.join(folder, 'exp', 'test_id.txt')
+    ids = open(path).read().strip()
+    open(path, 'w').write(ids + ',999\n')
+    clear_parse_cache()
+    with pytest.warns(UserWarning, match=r'sysu_mm01: 1 test id\(s\) .* no images .*first: 999'):
+        SYSUMM01(root=osp.dirname(folder), verbose=False)
+
+
+def test_16_bit_images_are_scaled_to_8_bits_not_clipped(tmp_path):
+    from torchreid_vi.data.io import read_image
+    values = np.array([[0, 257, 32768, 65535]], dtype=np.uint16)
+    path = str(tmp_path / 'thermal16.png')
+    Image.fromarray(values).save(path)
+    assert Image.open(path).mode == 'I;16'
+    rgb = np.asarray(read_image(path))
+    assert rgb.shape == (1, 4, 3) and (rgb == rgb[..., :1]).all()
+    assert rgb[0, :, 0].tolist() == [0, 1, 128, 255]     # round(v * 255 / 65535), not min(v, 255)
+    Image.fromarray(np.zeros((2, 2), np.float32), mode='F').save(str(tmp_path / 'f.tiff'))
+    with pytest.raises(ImageReadError, match='floating-point'):
+        read_image(str(tmp_path / 'f.tiff'))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import operator
 import os
 import os.path as osp
+import warnings
 from collections import Counter
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -276,6 +277,20 @@ class CrossModalDataset(tr.data.ImageDataset):
                 raise self.layout_error(f'the {split} split is empty (no images found)',
                                         self.dataset_root)
             checked = [self._check_record(split, r) for r in records]
+            unique = list(dict.fromkeys(checked))
+            if len(unique) < len(checked):
+                # e.g. a repeated line in an index file: it would weigh that image twice in
+                # training and give a gallery a duplicate entry
+                seen, first = set(), None
+                for r in checked:
+                    if r in seen:
+                        first = r[0]
+                        break
+                    seen.add(r)
+                warnings.warn(f'{self.dataset_name}: {len(checked) - len(unique)} {split} '
+                              f'image(s) are listed more than once (first: {first}); each is '
+                              f'used once', stacklevel=3)
+                checked = unique
             # The documented order, whatever order the subclass produced: (pid, camera, file name).
             checked.sort(key=lambda r: (r[1], r[2], r[0].rpartition(os.sep)[2], r[0]))
             splits[split] = tuple(checked)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import os.path as osp
+import warnings
 from typing import List, Set
 
 from .base import INFRARED, VISIBLE, CrossModalDataset
@@ -109,6 +110,13 @@ class SYSUMM01(CrossModalDataset):
                 else:
                     continue
                 target.extend((path, pid, cam, modality) for path in _jpg_paths(pid_dir))
+        for split, ids, records in (('train/val', train_ids, train),
+                                    ('test', test_ids, query + gallery)):
+            empty = sorted(ids - {r[1] for r in records})
+            if empty:
+                warnings.warn(f'sysu_mm01: {len(empty)} {split} id(s) listed in {exp_dir} have '
+                              f'no images under cam1..cam6 (first: {empty[0]}); they are left '
+                              f'out', stacklevel=2)
         # The base sorts by (pid, camera, file name): 4-digit names make that numeric order.
         return train, query, gallery
 
