@@ -45,10 +45,11 @@ the GIL); the result does not depend on the chunking.
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -218,8 +219,9 @@ def _as_distance_matrix(distmat) -> np.ndarray:
         dist = dist.astype(np.float64)  # exact for |values| < 2**53
     elif dist.dtype not in (np.float32, np.float64):
         raise TypeError(f'distmat must hold real numbers, got dtype {dist.dtype}')
-    # float32/float64 stay as they are: never downcast before sorting (§3.1.10).
-    return _rows_contiguous(dist)
+    # float32/float64 stay as they are: never downcast before sorting (§3.1.10). Any memory
+    # layout is accepted: _RowReader reads rows of it efficiently.
+    return dist
 
 
 def _rows_contiguous(dist: np.ndarray) -> np.ndarray:
@@ -245,43 +247,138 @@ def _as_vector(x, name: str, length: int, what: str) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------------
-# core
+# reading rows of the distance matrix
 
-class _Gallery:
-    """Gallery metadata shared by every query chunk of one call.
+class _RowReader:
+    """C-contiguous ``(k, num_columns)`` blocks of rows of a 2-D distance matrix, any layout.
 
-    Columns are read grouped by pid (stable), so each query's true matches are one contiguous
-    range and the best distance per person is one ``np.minimum.reduceat``. ``full_cols`` index
-    the caller's matrix (through ``gallery_index``; None = all columns in order), ``local_cols``
-    index a block whose columns are in the caller's gallery order (used for rows with exact
-    ties). ``room`` = grouped positions of the cam-2 columns (location rule).
+    A row-major matrix is read in place (a slice of rows is a view). A column-major one (e.g. the
+    IR x VIS matrix read as VIS x IR) is transposed block by block, ``_TILE`` source rows at a
+    time: a whole-matrix transpose of the LLCM matrix takes ~0.6 s (one TLB miss per element),
+    tiles that fit the TLB ~1 ns per element. Any other layout is copied once.
+    """
+    _TILE = 512
+
+    def __init__(self, dist: np.ndarray):
+        self.shape = dist.shape
+        self.dtype = dist.dtype
+        self.major = None
+        if dist.shape[1] <= 1 or dist.strides[1] == dist.itemsize:
+            self.rows = dist
+        elif dist.shape[0] <= 1 or dist.strides[0] == dist.itemsize:
+            self.rows, self.major = None, dist.T              # (num_columns, num_rows), C order
+        else:
+            self.rows = np.ascontiguousarray(dist)
+
+    def __call__(self, rows) -> np.ndarray:
+        """Rows ``rows`` (slice or int64 index array) as a C-contiguous array; a view if it can."""
+        if self.major is None:
+            return self.rows[rows] if isinstance(rows, slice) else np.take(self.rows, rows, axis=0)
+        src = self.major
+        count = len(range(*rows.indices(self.shape[0]))) if isinstance(rows, slice) else len(rows)
+        out = np.empty((count, src.shape[0]), src.dtype)
+        for a in range(0, src.shape[0], self._TILE):
+            tile = src[a:a + self._TILE]
+            out[:, a:a + self._TILE] = (tile[:, rows] if isinstance(rows, slice)
+                                        else np.take(tile, rows, axis=1)).T
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# galleries: T trials of one setting in one padded layout
+
+@dataclass
+class _Kind:
+    """The gallery columns one kind of query keeps, per trial, grouped by pid (stable).
+
+    ``'all'`` columns serve every query; ``'room'`` (location rule only) drops the cam-2 columns,
+    for cam-3 queries. Shapes: T trials, M = the widest trial's kept columns, V = pids in the
+    union of the galleries.
+
+    Attributes:
+        cols: (T * M,) int64 matrix columns to read, trial after trial (pads repeat a real one).
+        M: columns per trial (padded).
+        gpos: (T, M) int64 gallery position of each column (exact ties rank by it; pads -1).
+        cams: (T, M) camera of each column.
+        group: (T, M) vocabulary index of each column's pid (pads: V).
+        start, size: (T, V + 1) first column and column count of each pid's group (index V =
+            "pid not in the gallery": size 0).
+        pad: (T, M) bool, True on padding columns; None when every trial has M columns.
+        kept: (T,) kept columns per trial.
+    """
+    cols: np.ndarray
+    M: int
+    gpos: np.ndarray
+    cams: np.ndarray
+    group: np.ndarray
+    start: np.ndarray
+    size: np.ndarray
+    pad: Optional[np.ndarray]
+    kept: np.ndarray
+
+
+class _Batch:
+    """T galleries (trials) evaluated against the same queries with the same rules.
+
+    Args:
+        galleries: one ``(g_index, g_pids, g_cams)`` per trial: matrix columns (None = all, in
+            order) and the (m_t,) pids/cams of the trial's gallery in gallery order.
+        removal: 'location' | 'same_pid_cam' | 'none'.
     """
 
-    def __init__(self, g_pids: np.ndarray, g_cams: np.ndarray, removal: str,
-                 g_index: Optional[np.ndarray]):
-        order = np.argsort(g_pids, kind='stable')
-        group_order = None if np.array_equal(order, np.arange(len(g_pids))) else order
-        self.pids, self.cams = g_pids[order], g_cams[order]
-        self.g_index = g_index
-        self.local_cols = group_order
-        if g_index is None:
-            self.full_cols = group_order
-        else:
-            self.full_cols = g_index if group_order is None else g_index[group_order]
-        self.starts = np.flatnonzero(np.r_[True, self.pids[1:] != self.pids[:-1]])
-        self.ids = self.pids[self.starts]
-        self.sizes = np.diff(np.r_[self.starts, len(self.pids)])
-        self.room = np.flatnonzero(self.cams == LOCATION_GALLERY_CAM) if removal == 'location' \
-            else np.zeros(0, np.int64)
+    def __init__(self, galleries, removal: str):
+        self.T = len(galleries)
+        self.g_index = [g for g, _, _ in galleries]
+        self.m = [len(p) for _, p, _ in galleries]
+        self.vocab = np.unique(np.concatenate([p for _, p, _ in galleries]))
+        self.n_ids = [len(np.unique(p)) for _, p, _ in galleries]
+        self.removal = removal
+        self.all = self._kind(galleries, room=False)
+        self.room = self._kind(galleries, room=True) if removal == 'location' else None
+
+    def _kind(self, galleries, room: bool) -> _Kind:
+        orders = []
+        for _, pids, cams in galleries:
+            order = np.argsort(pids, kind='stable')
+            orders.append(order[cams[order] != LOCATION_GALLERY_CAM] if room else order)
+        T, V = self.T, len(self.vocab)
+        M = max(1, max(len(o) for o in orders))
+        cols = np.zeros((T, M), np.int64)
+        gpos = np.full((T, M), -1, np.int64)
+        cams = np.zeros((T, M), np.int64)
+        group = np.full((T, M), V, np.int64)
+        start = np.zeros((T, V + 1), np.int64)
+        size = np.zeros((T, V + 1), np.int64)
+        pad = np.ones((T, M), bool)
+        for t, (order, (g_index, pids, g_cams)) in enumerate(zip(orders, galleries)):  # trials
+            n = len(order)
+            if n == 0:
+                continue
+            vi = np.searchsorted(self.vocab, pids[order])
+            cols[t, :n] = order if g_index is None else g_index[order]
+            cols[t, n:] = cols[t, 0]
+            gpos[t, :n], cams[t, :n], group[t, :n], pad[t, :n] = order, g_cams[order], vi, False
+            b = np.flatnonzero(np.r_[True, vi[1:] != vi[:-1]])
+            start[t, vi[b]] = b
+            size[t, vi[b]] = np.diff(np.r_[b, n])
+        return _Kind(cols=cols.ravel(), M=M, gpos=gpos, cams=cams, group=group, start=start,
+                     size=size, pad=pad if pad.any() else None, kept=(~pad).sum(1))
+
+    def vocab_index(self, q_pids: np.ndarray) -> np.ndarray:
+        """(nq,) index of each query pid in the vocabulary; V when no gallery has it."""
+        V = len(self.vocab)
+        if V == 0:
+            return np.zeros(len(q_pids), np.int64)
+        idx = np.minimum(np.searchsorted(self.vocab, q_pids), V - 1)
+        return np.where(self.vocab[idx] == q_pids, idx, V)
 
 
-def _gather(full: np.ndarray, rows, cols: Optional[np.ndarray]) -> np.ndarray:
-    """A fresh C-contiguous copy of ``full[rows][:, cols]`` (rows: slice or index array)."""
-    if cols is None:
-        return full[rows].copy() if isinstance(rows, slice) else full[rows]
-    if isinstance(rows, slice):
-        return np.take(full[rows], cols, axis=1)        # ~2x faster than np.ix_ indexing
-    return full[np.ix_(rows, cols)]
+# ------------------------------------------------------------------------------------------------
+# metrics of (query, trial) rows
+
+class _NaNRow(Exception):
+    def __init__(self, row: int):
+        self.row = row
 
 
 def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
@@ -290,107 +387,84 @@ def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarra
                               torch.from_numpy(np.ascontiguousarray(values))).numpy()
 
 
-def _lookup(ids: np.ndarray, keys: np.ndarray):
-    """(index of each key in sorted ``ids`` clipped to range, whether it is there)."""
-    if len(ids) == 0:
-        return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
-    idx = np.minimum(np.searchsorted(ids, keys), len(ids) - 1)
-    return idx, ids[idx] == keys
+def _ap_inp(kept_rank: np.ndarray, npos: np.ndarray):
+    """AP and INP of rows from the (n, w) 1-based kept ranks of their positives, ascending,
+    padded after the first ``npos`` entries. Shared by every path, so that they agree to the bit:
+    the sum is sequential (cumsum), so the padding width does not change a row's AP."""
+    slot = np.arange(kept_rank.shape[1])
+    in_row = slot[None, :] < npos[:, None]
+    precision = np.where(in_row, (slot + 1)[None, :] / np.maximum(kept_rank, 1), 0.0)
+    ap = np.cumsum(precision, axis=1)[:, -1] / np.maximum(npos, 1)
+    inp = npos / np.maximum(kept_rank[np.arange(len(npos)), np.maximum(npos - 1, 0)], 1)
+    return ap, inp
 
 
-class _NaNRow(Exception):
-    def __init__(self, row: int):
-        self.row = row
+def _groups_below(sub: np.ndarray, threshold: np.ndarray, group: np.ndarray, t_of: np.ndarray,
+                  V: int) -> np.ndarray:
+    """(R,) number of distinct pids with an item strictly below ``threshold`` in each row.
 
-
-def _block_metrics(sub, q_pids, q_cams, gal: _Gallery, removal, cmc_mode):
-    """Metrics of k queries against the gallery; ``sub`` (k, m) is our own copy of their
-    distances in the grouped column order, overwritten (removed items, then sorted in place).
-
-    Returns per row (first, ap, inp, valid, tied).
+    Only the items below a query's best true match are visited (``np.nonzero`` of the mask):
+    with a useful model they are few, so this is ~one comparison pass instead of a per-pid
+    reduction over the whole row (``np.minimum.reduceat`` costs ~1.4 ns per item).
     """
-    k, m = sub.shape
-    big = np.asarray(np.inf if sub.dtype.kind == 'f' else np.iinfo(sub.dtype).max, sub.dtype)
-    in_room = (q_cams == LOCATION_QUERY_CAM) if len(gal.room) else np.zeros(k, bool)
-    if in_room.any():
-        # location rule: every cam-2 item of a cam-3 query ranks last and counts as removed
-        sub[np.ix_(np.flatnonzero(in_room), gal.room)] = big
+    flat = np.flatnonzero(sub < threshold[:, None])   # 1-D: ~12x faster than 2-D nonzero
+    r, c = np.divmod(flat, sub.shape[1])
+    seen = np.zeros((sub.shape[0], V + 1), bool)
+    seen[r, group[t_of[r], c]] = True
+    return seen[:, :V].sum(1)
 
-    # each query's own-pid columns -> (k, width) candidate true matches
-    gid, has_id = _lookup(gal.ids, q_pids)
-    size = np.where(has_id, gal.sizes[gid], 0)
-    width = max(int(size.max()), 1)
+
+def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, same_pid_cam: bool, identity: bool, V: int):
+    """Metrics of R (query, trial) rows.
+
+    Args:
+        sub: (R, M) our own copy of the rows' distances in ``kind``'s column order of their
+            trial, pads +inf (or the integer maximum); overwritten (removed items, sorted).
+        t_of: (R,) trial of each row. qv: (R,) vocabulary index of the query's pid (V = absent).
+        qc: (R,) query camera.
+
+    Returns:
+        ``(first, ap, inp, valid, tied)`` per row: ``first`` is the kept rank of the first true
+        match (image CMC) or the true person's rank in the de-duplicated kept list (identity
+        CMC); ``tied`` marks valid rows whose result depends on an exact tie (only there does the
+        stable order decide: they are redone on stable keys).
+    """
+    R, M = sub.shape
+    is_float = sub.dtype.kind == 'f'
+    big = np.inf if is_float else np.iinfo(sub.dtype).max
+    size = kind.size[t_of, qv]
+    width = max(int(size.max()) if R else 0, 1)
     slot = np.arange(width)
     in_group = slot[None, :] < size[:, None]
-    at = np.minimum(gal.starts[gid][:, None] + slot[None, :], m - 1)
-    cand = np.take_along_axis(sub, at, axis=1)
-    cand_cam = gal.cams[at]
-    if removal == 'same_pid_cam':
-        removed = (cand_cam == q_cams[:, None]) & in_group
-    elif removal == 'location':
-        removed = (cand_cam == LOCATION_GALLERY_CAM) & in_room[:, None] & in_group
-    else:
-        removed = None
-    is_pos = in_group if removed is None else in_group & ~removed
+    at = np.minimum(kind.start[t_of, qv][:, None] + slot[None, :], M - 1)
+    cand = np.take_along_axis(sub, at, axis=1)                     # own-pid items, in order
+    is_pos = in_group
+    if same_pid_cam:
+        removed = in_group & (kind.cams[t_of[:, None], at] == qc[:, None])
+        rr, ss = np.nonzero(removed)
+        sub[rr, at[rr, ss]] = big                                  # ranks last, counts nowhere
+        is_pos = in_group & ~removed
     npos = is_pos.sum(1)
     valid = npos > 0
-    pos_dist = np.where(is_pos, cand, big)
-    pos_dist.sort(axis=1)                     # ascending true-match distances, padded
-    in_row = slot[None, :] < npos[:, None]
-
-    if cmc_mode == 'identity':
-        best = np.minimum.reduceat(sub, gal.starts, axis=1)               # (k, n_ids)
-        own = pos_dist[:, :1]
-        own_col = best[np.arange(k), gid]
-        # the own person's column is not "another person" (with same_pid_cam it may hold a
-        # removed, closer item)
-        closer = (best < own).sum(1) - (has_id & (own_col < own[:, 0]))
-        same = (best == own).sum(1) - (has_id & (own_col == own[:, 0]))
-    sub.sort(axis=1)
-    if sub.dtype.kind == 'f' and np.isnan(sub[:, -1]).any():     # NaN sorts last
-        raise _NaNRow(int(np.flatnonzero(np.isnan(sub[:, -1]))[0]))
-    below = _searchsorted_rows(sub, pos_dist)                     # items strictly closer
+    pos = np.where(is_pos, cand, big)
+    pos.sort(axis=1)                                               # true matches, ascending
+    if identity:
+        low = -np.inf if is_float else np.iinfo(sub.dtype).min
+        closer = _groups_below(sub, np.where(valid, pos[:, 0], low), kind.group, t_of, V)
+    sub.sort(axis=1)                                               # numpy's SIMD sort of values
+    if is_float:
+        nan = np.isnan(sub[:, -1])                                 # NaN sorts last
+        if nan.any():
+            raise _NaNRow(int(np.flatnonzero(nan)[0]))
+    below = _searchsorted_rows(sub, pos)                           # items strictly closer
     # the match itself sits at `below`; an equal value right after it is an exact tie
-    after = np.take_along_axis(sub, np.minimum(below + 1, m - 1), axis=1)
-    tied = ((below + 1 < m) & (after == pos_dist) & in_row).any(1)
-    if removal == 'same_pid_cam':
-        # removed items are same-pid columns counted in `below`: take them out (a removed item
-        # equal to a match already marked the row tied); location-removed items sit at `big`
-        below = below - _searchsorted_rows(np.sort(np.where(removed, cand, big), axis=1),
-                                           pos_dist)
-    kept_rank = below + 1                                         # (k, width), 1-based
-    # sequential sum (cumsum): a row's AP must not depend on the chunk's padding width
-    precision = np.where(in_row, (slot + 1)[None, :] / kept_rank, 0.0)
-    ap = np.cumsum(precision, axis=1)[:, -1] / np.maximum(npos, 1)
-    inp = npos / kept_rank[np.arange(k), np.maximum(npos - 1, 0)]
-    if cmc_mode == 'image':
-        first = kept_rank[:, 0].copy()
-    else:
-        first = closer + 1
-        tied |= same > 0
+    after = np.take_along_axis(sub, np.minimum(below + 1, M - 1), axis=1)
+    in_row = slot[None, :] < npos[:, None]
+    tied = ((below + 1 < M) & (after == pos) & in_row).any(1)
+    kept_rank = below + 1
+    ap, inp = _ap_inp(kept_rank, npos)
+    first = closer + 1 if identity else kept_rank[:, 0]
     return first, ap, inp, valid, tied & valid
-
-
-def _chunk_metrics(full, rows, q_pids, q_cams, gal: _Gallery, removal, cmc_mode,
-                   local: bool = False):
-    """Per-row (first, ap, inp, valid) of one chunk of queries (module docstring).
-
-    ``full[rows]`` are the chunk's distance rows (``rows``: slice or index array); ``first`` is
-    the kept rank of the first true match (image CMC) or the true person's rank in the
-    de-duplicated kept list (identity CMC). Rows whose outcome depends on an exact tie are redone
-    on their stable ranks (unique integers, so no tie is left).
-    """
-    sub = _gather(full, rows, gal.local_cols if local else gal.full_cols)
-    first, ap, inp, valid, tied = _block_metrics(sub, q_pids, q_cams, gal, removal, cmc_mode)
-    del sub
-    if tied.any():
-        r = np.flatnonzero(tied)
-        row_ids = np.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
-        block = _gather(full, row_ids[r], None if local else gal.g_index)   # caller's order
-        f_r, ap_r, inp_r, _ = _chunk_metrics(_stable_keys(block), slice(0, len(r)), q_pids[r],
-                                             q_cams[r], gal, removal, cmc_mode, local=True)
-        first[r], ap[r], inp[r] = f_r, ap_r, inp_r
-    return first, ap, inp, valid
 
 
 def _stable_keys(block: np.ndarray) -> np.ndarray:
@@ -411,9 +485,505 @@ def _stable_keys(block: np.ndarray) -> np.ndarray:
     return ranks
 
 
+def _exact_rows(block, q_row, t_of, qv, qc, batch: _Batch, kind: _Kind, same_pid_cam, identity):
+    """``_batch_metrics`` of rows with exact ties, on stable keys built in gallery order.
+
+    block: the chunk's (k, num_columns) distances; q_row, t_of: (r,) row of ``block`` and trial
+    of each row to redo.
+    """
+    out = [np.zeros(len(q_row), np.int64), np.zeros(len(q_row)), np.zeros(len(q_row)),
+           np.zeros(len(q_row), bool)]
+    for t in np.unique(t_of):                                      # a loop over trials
+        sel = np.flatnonzero(t_of == t)
+        rows = block[q_row[sel]]
+        g_index = batch.g_index[t]
+        vals = rows if g_index is None else np.take(rows, g_index, axis=1)
+        keys = _stable_keys(vals)
+        n = int(kind.kept[t])
+        sub = np.full((len(sel), kind.M), np.iinfo(keys.dtype).max, keys.dtype)
+        sub[:, :n] = np.take(keys, kind.gpos[t, :n], axis=1)
+        res = _batch_metrics(sub, np.full(len(sel), t), qv[sel], qc[sel], kind, same_pid_cam,
+                             identity, len(batch.vocab))
+        assert not res[4].any(), 'stable keys cannot tie'
+        for o, v in zip(out, res[:4]):
+            o[sel] = v
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# the driver: query chunks x trials
+
+_BLOCK_ELEMS = 1 << 19   # distances gathered per block (~2 MB float32: stays in L2)
+
+
 def _default_threads() -> int:
     # torch's intra-op setting is the user's thread budget (torch.set_num_threads)
     return max(1, min(int(torch.get_num_threads()), os.cpu_count() or 1))
+
+
+def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, batch: _Batch,
+                    cmc_mode: str, threads: int, chunk_size: Optional[int]):
+    """Per-query results of every trial of ``batch``: (first, ap, inp, valid), each (nq, T).
+
+    Queries are processed in chunks of rows; each chunk's rows are read once and every trial's
+    gallery is gathered from them (trial after trial in one array), so the matrix is read once
+    per batch and the per-call overhead is shared by the T trials. Under the location rule the
+    cam-3 queries are processed after the others, so each chunk splits into two contiguous parts
+    with their own columns ('all' and 'room'). Chunks run on a thread pool (numpy releases the
+    GIL); results are written per query, so they do not depend on the chunking.
+
+    Peak extra memory per worker: ~ (12 + 8 * T) * rows * M bytes for the gathered block, its
+    pid-grouped copy and masks, with rows = min(chunk_size, _BLOCK_ELEMS // (T * M)) (at least
+    8), plus the chunk's matrix rows when they are not a view (transposed input).
+    """
+    nq, T = len(qp), batch.T
+    V = len(batch.vocab)
+    qv = batch.vocab_index(qp)
+    same_pid_cam = batch.removal == 'same_pid_cam'
+    identity = cmc_mode == 'identity'
+    if batch.room is not None:
+        in_room = qc == LOCATION_QUERY_CAM
+        order = np.r_[np.flatnonzero(~in_room), np.flatnonzero(in_room)]
+        n_front = int((~in_room).sum())
+        if np.array_equal(order, np.arange(nq)):
+            order = None
+    else:
+        order, n_front = None, nq
+    step = max(8, _BLOCK_ELEMS // (T * batch.all.M))
+    if chunk_size is not None:
+        step = min(step, int(chunk_size))
+    step = max(1, min(step, -(-nq // threads)))
+    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
+    first = np.zeros((nq, T), np.int64)
+    ap, inp = np.zeros((nq, T)), np.zeros((nq, T))
+    valid = np.zeros((nq, T), bool)
+
+    def run(bound):
+        a, b = bound
+        at = slice(a, b) if order is None else order[a:b]          # query positions
+        if q_index is None:
+            rows = at
+        else:
+            rows = q_index[at]
+        block = reader(rows)
+        parts = [(a, min(b, n_front), batch.all)]
+        if batch.room is not None:
+            parts.append((max(a, n_front), b, batch.room))
+        for lo, hi, kind in parts:
+            if hi <= lo:
+                continue
+            blk = block[lo - a:hi - a]
+            k = hi - lo
+            sub = np.take(blk, kind.cols, axis=1, mode='clip').reshape(k * T, kind.M)
+            big = np.inf if sub.dtype.kind == 'f' else np.iinfo(sub.dtype).max
+            if kind.pad is not None:
+                sub.reshape(k, T, kind.M)[:, kind.pad] = big
+            t_of = np.tile(np.arange(T), k)
+            q_row = np.repeat(np.arange(k), T)
+            pos = (np.arange(lo, hi) if order is None else order[lo:hi])
+            try:
+                f, p, i, v, tied = _batch_metrics(sub, t_of, qv[pos][q_row], qc[pos][q_row],
+                                                  kind, same_pid_cam, identity, V)
+            except _NaNRow as bad:
+                raise ValueError(f'distmat contains NaN in the distances of query '
+                                 f'{pos[bad.row // T]}; distances must be real numbers') from None
+            del sub
+            if tied.any():
+                r = np.flatnonzero(tied)
+                redo = _exact_rows(blk, q_row[r], t_of[r], qv[pos][q_row[r]], qc[pos][q_row[r]],
+                                   batch, kind, same_pid_cam, identity)
+                for o, val in zip((f, p, i, v), redo):
+                    o[r] = val
+            first[pos], ap[pos], inp[pos], valid[pos] = (x.reshape(k, T) for x in (f, p, i, v))
+
+    if threads > 1 and len(bounds) > 1:
+        with ThreadPoolExecutor(min(threads, len(bounds))) as pool:
+            for _ in pool.map(run, bounds):
+                pass
+    else:
+        for bd in bounds:
+            run(bd)
+    return first, ap, inp, valid
+
+
+# ------------------------------------------------------------------------------------------------
+# pooled engine: one exact sort of each query's pool row serves every trial
+
+_POOL_BYTES = 8 << 20          # working set of one pooled chunk (keys + gathered words)
+_IDENTITY_WINDOW = 64          # sorted pool positions inspected for the identity CMC
+_DENSE = 8                     # pooled trials hold at least 1/_DENSE of the pool's columns
+
+
+def _ordered_int32(vals: np.ndarray) -> np.ndarray:
+    """Order-preserving int32 of float32 values (-0.0 equals +0.0; NaN sorts outside +-inf).
+
+    A view of the bits when no value is negative (the usual distances)."""
+    bits = vals.view(np.int32)
+    if bits.size == 0 or bits.min() >= 0:
+        return bits
+    bits = (vals + np.float32(0)).view(np.int32)                 # -0.0 -> +0.0
+    # negative floats: larger magnitude = smaller value, so mirror their integer order
+    return np.where(bits < 0, -(bits & 0x7FFFFFFF) - 1, bits).astype(np.int32)
+
+
+class _Pool:
+    """Trials whose galleries are ascending subsets of one pool of matrix columns.
+
+    Each query's row over the pool is sorted once, exactly: int64 keys hold the order-preserving
+    float32 bits in the high half and the pool position in the low half, so exact ties go to the
+    lower column, i.e. the lower gallery position (galleries are ascending). A trial's kept rank
+    of a true match is then 1 + the number of the trial's kept items before it in that order, a
+    prefix sum of the trial's membership over the sorted row. Every trial is counted at once:
+    each pool column owns a few packed uint64 words (trial t: a bit field wide enough for its
+    gallery size), gathered in sorted order and summed between consecutive own-pid positions
+    (``np.add.reduceat``); the sums never carry across fields. The query's own-pid items carry a
+    flag in the lowest key bit (below the column, so it never decides an order), which finds
+    them in the sorted row without a search.
+
+    The identity CMC needs the number of distinct other persons before the first true match:
+    it is read off the first ``L`` sorted positions (exact when the match lies there; capped at
+    ``max_rank + 1`` when that many persons already precede it); the rare other (query, trial)
+    pairs are recomputed on the trial's own gallery.
+
+    Args:
+        galleries: per trial ``(g_index, g_pids, g_cams)``, ``g_index`` strictly ascending matrix
+            columns; a column's pid and camera must agree across trials.
+        removals, cmc_modes: per trial.
+        ncols: columns of the matrix (a pool covering most of them reads every column).
+    """
+
+    def __init__(self, galleries, removals, cmc_modes, max_rank: int, ncols: int):
+        T = self.T = len(galleries)
+        self.galleries, self.removals, self.cmc_modes = galleries, removals, cmc_modes
+        self.max_rank = max_rank
+        U = np.unique(np.concatenate([g for g, _, _ in galleries]))
+        if len(U) * 10 >= 9 * ncols:
+            U = np.arange(ncols)          # read rows as they are: no gather of the pool
+        self.U, self.all_columns = U, len(U) == ncols
+        n = self.n = len(U)
+        pids, cams = np.zeros(n, np.int64), np.zeros(n, np.int64)
+        known = np.zeros(n, bool)
+        positions = []
+        for g, gp, gc in galleries:                               # a loop over trials
+            p = np.searchsorted(U, g)
+            pids[p], cams[p], known[p] = gp, gc, True
+            positions.append(p)
+        for p, (_, gp, gc) in zip(positions, galleries):
+            if not (np.array_equal(pids[p], gp) and np.array_equal(cams[p], gc)):
+                raise _NotPoolable('a column has different pids or cameras in two trials')
+        self.vocab = np.unique(pids[known])
+        V = len(self.vocab)
+        pv = np.where(known, np.searchsorted(self.vocab, pids), V)  # V: in no gallery
+        # own-pid columns of each vocabulary pid (index V: none)
+        sizes = np.bincount(pv, minlength=V + 1)[:V]
+        self.own = np.argsort(pv, kind='stable')[:int(known.sum())]
+        self.own_start = np.r_[np.cumsum(sizes) - sizes, 0]
+        self.own_size = np.r_[sizes, 0]
+        self.room = any(r == 'location' for r in removals)
+        kinds = 2 if self.room else 1
+        # table index = 1 + kind * n + pool position (kind 1: cam-3 queries); index 0 = nothing
+        member = np.zeros((kinds, n, T), bool)
+        for t, p in enumerate(positions):
+            member[:, p, t] = True
+            if self.room and removals[t] == 'location':
+                member[1, cams == LOCATION_GALLERY_CAM, t] = False
+        member = np.concatenate([np.zeros((1, T), bool), member.reshape(kinds * n, T)])
+        self.m = [len(p) for p in positions]
+        # low key half: (table index << 1) | own flag, per kind of query
+        self.low = [((1 + kind * n + np.arange(n)) << 1).astype(np.int32) for kind in
+                    range(kinds)]
+        # first-fit bit fields: field t counts up to m_t
+        width = [int(m).bit_length() for m in self.m]
+        self.word, self.shift, used = np.zeros(T, np.int64), np.zeros(T, np.uint64), []
+        for t in np.argsort(width, kind='stable')[::-1]:
+            w = next((i for i, u in enumerate(used) if u + width[t] <= 64), len(used))
+            if w == len(used):
+                used.append(0)
+            self.word[t], self.shift[t] = w, used[w]
+            used[w] += width[t]
+        self.mask = np.array([(1 << b) - 1 for b in width], np.uint64)
+        self.W = len(used)
+        self.P = np.zeros((self.W, len(member)), np.uint64)
+        bit = np.uint64(1) << np.arange(T, dtype=np.uint64)
+        for t in range(T):
+            self.P[self.word[t]] |= member[:, t].astype(np.uint64) << self.shift[t]
+        self.bits = (member.astype(np.uint64) * bit).sum(1, dtype=np.uint64)   # T <= 64
+        self.pv_ext = np.r_[V, np.tile(pv, kinds)]
+        self.cam_ext = np.r_[np.iinfo(np.int64).min, np.tile(cams, kinds)]
+        self.spc = np.array([r == 'same_pid_cam' for r in removals])
+        self.ident = np.array([c == 'identity' for c in cmc_modes])
+        self.ident_bits = np.uint64((bit * self.ident).sum(dtype=np.uint64))
+        self.L = min(n, max(_IDENTITY_WINDOW, 3 * max_rank))
+        self._batches = {}
+
+    def row_bytes(self) -> int:
+        return (self.n + 1) * 8 * (2 + self.W) + 64 * self.L
+
+    def chunk(self, block: np.ndarray, qp: np.ndarray, qc: np.ndarray):
+        """(first, ap, inp, valid), each (T, k), for the k queries whose distance rows over the
+        matrix columns are ``block`` (float32)."""
+        T, n, W = self.T, self.n, self.W
+        k = block.shape[0]
+        vals = block if self.all_columns else np.take(block, self.U, axis=1, mode='clip')
+        ordered = _ordered_int32(vals)
+        qv = np.minimum(np.searchsorted(self.vocab, qp), len(self.vocab) - 1)
+        qv = np.where(self.vocab[qv] == qp, qv, len(self.vocab))
+        room = (qc == LOCATION_QUERY_CAM) if self.room else np.zeros(k, bool)
+        keys = np.empty((k, n + 1), np.int64)
+        if sys.byteorder == 'little':                              # write the two int32 halves
+            halves = keys.view(np.int32).reshape(k, n + 1, 2)
+            halves[:, 1:, 1] = ordered
+            halves[~room, 1:, 0] = self.low[0]
+            if room.any():
+                halves[room, 1:, 0] = self.low[1]
+        else:
+            keys[:, 1:] = ordered.astype(np.int64) << 32
+            keys[:, 1:] |= np.where(room[:, None], self.low[-1], self.low[0])
+        keys[:, 0] = np.iinfo(np.int64).min                       # sentinel: position 0
+        # flag each query's own-pid items
+        size = self.own_size[qv]
+        wo = max(int(size.max()), 1)
+        in_own = np.arange(wo)[None, :] < size[:, None]
+        rr, jj = np.nonzero(in_own)
+        keys[rr, 1 + self.own[self.own_start[qv][rr] + jj]] |= 1
+        keys.sort(axis=1)
+        # NaN sorts outside +-inf (keys[:, 0] is the sentinel)
+        bad = ((keys[:, -1] >> 32) > 0x7F800000) | ((keys[:, 1] >> 32) < -0x7F800000 - 1)
+        if bad.any():
+            raise _NaNRow(int(np.flatnonzero(bad)[0]))
+        s = np.full((k, wo), n + 1, np.int64)                      # sorted positions of own items
+        s[in_own] = np.flatnonzero(keys & 1) % (n + 1)             # row-major: ascending per row
+        np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
+        np.right_shift(keys, 1, out=keys)                          # -> table index, sorted
+        tab = np.where(in_own, np.take_along_axis(keys, np.minimum(s, n), axis=1), 0)
+        # kept items of every trial before each own item: packed words summed per segment
+        G = np.take(self.P, keys, axis=1, mode='clip').reshape(W, -1)
+        use = np.concatenate([np.ones((k, 1), bool), in_own], axis=1)
+        starts = np.concatenate([np.zeros((k, 1), np.int64), s], axis=1) + (
+            np.arange(k, dtype=np.int64)[:, None] * (n + 1))
+        seg = np.zeros((W, k, wo + 1), np.uint64)
+        seg[:, use] = np.add.reduceat(G, starts[use], axis=1)
+        del G
+        before = np.cumsum(seg[:, :, :wo], axis=2)                 # exclusive prefix per own item
+        cnt = ((before[self.word] >> self.shift[:, None, None]) & self.mask[:, None, None])
+        cnt = cnt.astype(np.int32)                                 # (T, k, wo)
+        tbit = np.arange(T, dtype=np.uint64)[:, None, None]
+        member = ((self.bits[tab][None] >> tbit) & np.uint64(1)).astype(bool) & in_own[None]
+        is_pos = member
+        if self.spc.any():
+            gone = member & ((self.cam_ext[tab] == qc[:, None]) & in_own)[None] & (
+                self.spc[:, None, None])
+            is_pos = member & ~gone
+            cnt -= (np.cumsum(gone, axis=2, dtype=np.int32) - gone)   # removed: not counted
+        kept_rank = cnt + 1
+        npos = is_pos.sum(2)
+        valid = npos > 0
+        # the same float operations as _ap_inp (zeros between the terms change no sum)
+        precision = np.zeros(is_pos.shape)
+        np.divide(np.cumsum(is_pos, axis=2), kept_rank, out=precision, where=is_pos)
+        ap = np.cumsum(precision, axis=2)[..., -1] / np.maximum(npos, 1)
+        inp = npos / np.maximum(np.where(is_pos, kept_rank, 0).max(2), 1)
+        first = np.where(is_pos, kept_rank, np.iinfo(np.int32).max).min(2).astype(np.int64)
+        if self.ident.any():
+            first_id, unresolved = self._identity(keys, s, is_pos, qv, valid)
+            first = np.where(self.ident[:, None], first_id, first)
+            if unresolved.any():                                   # rare
+                t, r = np.nonzero(unresolved)
+                first[t, r] = self._recompute_first(block, r, t, qp, qc)
+        return first, ap, inp, valid
+
+    def _identity(self, table_idx, s, is_pos, qv, valid):
+        """Identity ranks from the first L sorted positions; (first (T, k), unresolved (T, k)).
+
+        Per query, the window's items are grouped by pid (a small sort) and an OR-scan within
+        each pid's run keeps, per trial bit, only the person's first kept item before the true
+        match: counting those bits counts the distinct persons before it.
+        """
+        T, L, k = self.T, self.L, len(qv)
+        first_pos = np.where(is_pos, s[None], self.n + 2).min(2)   # (T, k) sorted position
+        window = table_idx[:, 1:L + 1]
+        pid = self.pv_ext[window]
+        bits = self.bits[window] & self.ident_bits
+        bits[pid == qv[:, None]] = 0                               # the own person is not "other"
+        tbit = np.arange(T, dtype=np.uint64)[:, None, None]
+        earlier = np.arange(1, L + 1)[None, None, :] < first_pos[:, :, None]     # (T, k, L)
+        bits &= np.bitwise_or.reduce(earlier.astype(np.uint64) << tbit, axis=0)
+        order = np.argsort(pid * L + np.arange(L)[None, :], axis=1)   # by pid, then position
+        pid = np.take_along_axis(pid, order, axis=1)
+        bits = np.take_along_axis(bits, order, axis=1)
+        seen = bits.copy()                                         # inclusive OR within a run
+        d = 1
+        while d < L:
+            step = seen.copy()
+            step[:, d:] |= np.where(pid[:, d:] == pid[:, :-d], seen[:, :-d], np.uint64(0))
+            seen, d = step, 2 * d
+        earlier_same = np.zeros_like(seen)
+        earlier_same[:, 1:] = np.where(pid[:, 1:] == pid[:, :-1], seen[:, :-1], np.uint64(0))
+        persons = ((bits & ~earlier_same)[None] >> tbit & np.uint64(1)).sum(2)   # (T, k)
+        exact = first_pos <= L + 1
+        first = np.where(exact, persons + 1, self.max_rank + 1)
+        unresolved = valid & self.ident[:, None] & ~exact & (persons < self.max_rank)
+        return first, unresolved
+
+    def _recompute_first(self, block, rows, trials, qp, qc):
+        """Identity ``first`` of (query ``rows[i]``, trial ``trials[i]``) pairs on each trial's own
+        gallery (one batched call per removal rule and kind of query)."""
+        first = np.zeros(len(rows), np.int64)
+        for removal in set(self.removals[t] for t in np.unique(trials)):
+            if removal not in self._batches:
+                ts = [t for t in range(self.T) if self.removals[t] == removal]
+                pos = np.full(self.T, -1)
+                pos[ts] = np.arange(len(ts))
+                self._batches[removal] = (_Batch([self.galleries[t] for t in ts], removal), pos)
+            batch, pos = self._batches[removal]
+            pick = np.flatnonzero(np.array([self.removals[t] == removal for t in trials]))
+            tb = pos[trials[pick]]
+            r = rows[pick]
+            room = (qc[r] == LOCATION_QUERY_CAM) if batch.room is not None else np.zeros(
+                len(r), bool)
+            for kind, sel in ((batch.all, ~room), (batch.room, room)):
+                if not sel.any():
+                    continue
+                ri, ti = r[sel], tb[sel]
+                cols = kind.cols.reshape(batch.T, kind.M)[ti]
+                sub = np.take_along_axis(block[ri], cols, axis=1)
+                if kind.pad is not None:
+                    sub[kind.pad[ti]] = np.inf
+                qv = batch.vocab_index(qp[ri])
+                spc = removal == 'same_pid_cam'
+                f, _, _, _, tied = _batch_metrics(sub, ti, qv, qc[ri], kind, spc, True,
+                                                  len(batch.vocab))
+                if tied.any():
+                    z = np.flatnonzero(tied)
+                    f[z] = _exact_rows(block, ri[z], ti[z], qv[z], qc[ri][z], batch, kind, spc,
+                                       True)[0]
+                first[pick[sel]] = f
+        return first
+
+
+class _NotPoolable(Exception):
+    pass
+
+
+def _evaluate_pool(reader: _RowReader, q_index, qp, qc, pool: _Pool, threads: int,
+                   chunk_size: Optional[int]):
+    """Per-query (first, ap, inp, valid), each (nq, T), of every trial of ``pool``.
+
+    Peak extra memory per worker: ``rows * pool.row_bytes()`` (~ 8 * (1 + W) bytes per pool
+    column per query plus the identity window), rows = ``_POOL_BYTES // pool.row_bytes()``
+    (at least 4, at most ``chunk_size``).
+    """
+    nq, T = len(qp), pool.T
+    step = max(4, _POOL_BYTES // pool.row_bytes())
+    if chunk_size is not None:
+        step = min(step, int(chunk_size))
+    step = max(1, min(step, -(-nq // threads)))
+    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
+    first = np.zeros((nq, T), np.int64)
+    ap, inp = np.zeros((nq, T)), np.zeros((nq, T))
+    valid = np.zeros((nq, T), bool)
+
+    def run(bound):
+        a, b = bound
+        rows = slice(a, b) if q_index is None else q_index[a:b]
+        try:
+            f, p, i, v = pool.chunk(reader(rows), qp[a:b], qc[a:b])
+        except _NaNRow as bad:
+            raise ValueError(f'distmat contains NaN in the distances of query {a + bad.row}; '
+                             f'distances must be real numbers') from None
+        first[a:b], ap[a:b], inp[a:b], valid[a:b] = f.T, p.T, i.T, v.T
+
+    if threads > 1 and len(bounds) > 1:
+        with ThreadPoolExecutor(min(threads, len(bounds))) as ex:
+            for _ in ex.map(run, bounds):
+                pass
+    else:
+        for bd in bounds:
+            run(bd)
+    return first, ap, inp, valid
+
+
+def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, threads: int,
+                    chunk_size: Optional[int], wheres: Sequence[str], stacklevel: int = 2,
+                    strategy: str = 'auto'):
+    """One CrossModalResult per trial, every trial against the same queries.
+
+    trials: per trial ``(g_index, g_pids, g_cams, removal, cmc_mode)``. Dense trials sharing a
+    pool (e.g. SYSU's multi-shot galleries: 44 % and 17 % of the 6,775 columns) run on the pooled
+    engine when that is cheaper; the others run as batches of trials with the same rules.
+    ``strategy``: 'auto' | 'pool' (every trial that can be pooled) | 'batch' (for tests).
+    """
+    T = len(trials)
+    galleries = [(g, gp, gc) for g, gp, gc, _, _ in trials]
+    pooled: List[int] = []
+    if strategy != 'batch' and reader.dtype == np.float32:
+        ok = [t for t, (g, _, _) in enumerate(galleries) if len(g) and np.all(np.diff(g) > 0)]
+        if strategy == 'auto' and ok:
+            # pool only trials that cover a good part of the pool: sparse ones (single-shot)
+            # would each add packed words over the whole pool for a few positives
+            n_union = len(np.unique(np.concatenate([galleries[t][0] for t in ok])))
+            ok = [t for t in ok if len(galleries[t][0]) * _DENSE >= n_union]
+        pooled = ok[:64]                                     # one uint64 of trial bits
+    pool = None
+    if len(pooled) >= 2:
+        try:
+            pool = _Pool([galleries[t] for t in pooled], [trials[t][3] for t in pooled],
+                         [trials[t][4] for t in pooled], max_rank, reader.shape[1])
+        except _NotPoolable:
+            pool = None
+        # measured per-query costs (ns): pool ~6 per pool column + ~0.8 per packed word and
+        # column; batches ~3.5 per gallery item
+        if pool is not None and strategy == 'auto' and (
+                pool.n * (6 + 0.8 * pool.W) > 3.5 * sum(pool.m)):
+            pool = None
+    out: List[Optional[CrossModalResult]] = [None] * T
+    if pool is not None:
+        n_ids = [len(np.unique(galleries[t][1])) for t in pooled]
+        for n in sorted(set(n_ids)):
+            if max_rank > n:
+                warnings.warn(f'max_rank={max_rank} exceeds the {n} distinct gallery ids: '
+                              f'the CMC tail saturates (carried forward)', stacklevel=stacklevel)
+        try:
+            first, ap, inp, valid = _evaluate_pool(reader, q_index, qp, qc, pool, threads,
+                                                   chunk_size)
+        except ValueError as exc:
+            raise ValueError(f'{wheres[pooled[0]]}: {exc}') from exc
+        for j, t in enumerate(pooled):
+            g, _, _, removal, cmc_mode = trials[t]
+            try:
+                out[t] = _summarise(first[:, j], ap[:, j], inp[:, j], valid[:, j], max_rank,
+                                    len(qp), len(g), n_ids[j], removal, cmc_mode,
+                                    f'(removal={removal!r}, cmc_mode={cmc_mode!r})')
+            except ValueError as exc:
+                raise ValueError(f'{wheres[t]}: {exc}') from exc
+    groups: Dict[Tuple[str, str], list] = {}
+    for t, tr in enumerate(trials):
+        if out[t] is None:
+            groups.setdefault((tr[3], tr[4]), []).append(t)
+    for (removal, cmc_mode), ts in groups.items():
+        res = _evaluate_many(reader, q_index, qp, qc, [galleries[t] for t in ts], removal,
+                             cmc_mode, max_rank, f'(removal={removal!r}, cmc_mode={cmc_mode!r})',
+                             threads, chunk_size, stacklevel=stacklevel + 1,
+                             wheres=[wheres[t] for t in ts])
+        for t, r in zip(ts, res):
+            out[t] = r
+    return out
+
+
+def _summarise(first, ap, inp, valid, max_rank: int, nq: int, ng: int, n_ids: int,
+               removal: str, cmc_mode: str, label: str) -> CrossModalResult:
+    """CrossModalResult of one trial from its (nq,) per-query values (query order: the sums do
+    not depend on the chunking)."""
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError(f'no valid query under {label}: 0 of {nq} queries have a kept true match '
+                         f'among {ng} gallery items ({n_ids} gallery ids)')
+    hits = np.bincount(np.minimum(first[valid], max_rank + 1), minlength=max_rank + 2)
+    cmc = np.cumsum(hits[1:max_rank + 1]) / num_valid
+    cmc.setflags(write=False)
+    return CrossModalResult(cmc=cmc, mAP=float(ap[valid].sum()) / num_valid,
+                            mINP=float(inp[valid].sum()) / num_valid, num_valid=num_valid,
+                            num_query=nq, num_gallery=ng, removal=removal, cmc_mode=cmc_mode)
 
 
 def _index(x, name: str, size: int, what: str) -> Optional[np.ndarray]:
@@ -430,10 +1000,16 @@ def _index(x, name: str, size: int, what: str) -> Optional[np.ndarray]:
     return idx
 
 
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f'{name} must be a positive int, got {value!r}')
+    return int(value)
+
+
 def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
                          protocol: Optional[str] = None, max_rank: int = 20, *,
                          removal: Optional[str] = None, cmc_mode: Optional[str] = None,
-                         chunk_size: int = 2048,
+                         chunk_size: Optional[int] = None,
                          query_index=None, gallery_index=None,
                          num_threads: Optional[int] = None) -> CrossModalResult:
     """Cross-modal CMC / mAP / mINP of one query set against one gallery (§3.1 definitions).
@@ -449,8 +1025,9 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
         max_rank: CMC length (always exactly this long; ranks past a query's list carry forward).
         removal: 'location' | 'same_pid_cam' | 'none'; overrides the preset.
         cmc_mode: 'identity' | 'image'; overrides the preset.
-        chunk_size: queries processed per block (memory ~ 20 bytes x chunk_size x num_gallery
-            per thread).
+        chunk_size: at most this many queries per block (default: as many as keep ~2 MB of
+            gathered distances per block). Peak extra memory per thread ~ 20 bytes x rows x
+            num_gallery, plus rows x distmat columns for a column-major ``distmat``.
         query_index, gallery_index: optional 1-D index arrays: evaluate
             ``distmat[np.ix_(query_index, gallery_index)]`` without materialising it (a trial of
             a pooled distance matrix); the pids/cams then describe the selected rows/columns.
@@ -482,52 +1059,48 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
     gp = _as_vector(g_pids, 'g_pids', ng, 'num_gallery')
     qc = _as_vector(q_camids, 'q_camids', nq, 'num_query')
     gc = _as_vector(g_camids, 'g_camids', ng, 'num_gallery')
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError(f'max_rank must be a positive int, got {max_rank!r}')
-    if not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f'chunk_size must be a positive int, got {chunk_size!r}')
+    max_rank = _check_positive_int(max_rank, 'max_rank')
+    if chunk_size is not None:
+        chunk_size = _check_positive_int(chunk_size, 'chunk_size')
     threads = _default_threads() if num_threads is None else int(num_threads)
     if threads < 1:
         raise ValueError(f'num_threads must be >= 1, got {num_threads!r}')
-    max_rank = int(max_rank)
     if nq == 0 or ng == 0:
         raise ValueError(f'empty evaluation under {label}: {nq} queries x {ng} gallery items')
+    return _evaluate_many(_RowReader(dist), q_index, qp, qc, [(g_index, gp, gc)], removal,
+                          cmc_mode, max_rank, label, threads, chunk_size, stacklevel=3)[0]
 
-    gal = _Gallery(gp, gc, removal, g_index)
-    if max_rank > len(gal.ids):
-        warnings.warn(f'max_rank={max_rank} exceeds the {len(gal.ids)} distinct gallery ids: '
-                      f'the CMC tail saturates (carried forward)', stacklevel=2)
 
-    if nq * ng < 1_000_000:
+def _evaluate_many(reader: _RowReader, q_index, qp, qc, galleries, removal: str, cmc_mode: str,
+                   max_rank: int, label: str, threads: int, chunk_size: Optional[int],
+                   stacklevel: int = 2, wheres: Optional[Sequence[str]] = None):
+    """One :class:`CrossModalResult` per gallery ``(g_index, g_pids, g_cams)``, all against the
+    same queries (``q_index`` rows of ``reader``'s matrix, pids ``qp``, cameras ``qc``).
+
+    ``wheres``: one prefix per gallery for error messages (e.g. "setting 'x' trial 3"); errors
+    then read "<where>: <message>".
+    """
+    batch = _Batch(galleries, removal)
+    for n_ids in sorted(set(batch.n_ids)):
+        if max_rank > n_ids:
+            warnings.warn(f'max_rank={max_rank} exceeds the {n_ids} distinct gallery ids: '
+                          f'the CMC tail saturates (carried forward)', stacklevel=stacklevel)
+    if len(qp) * sum(batch.m) < 1_000_000:
         threads = 1                             # not worth a thread pool
-    step = max(1, min(int(chunk_size), -(-nq // threads)))
-    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
-
-    def run(bound):
-        a, b = bound
-        rows = slice(a, b) if q_index is None else q_index[a:b]
+    try:
+        first, ap, inp, valid = _evaluate_batch(reader, q_index, qp, qc, batch, cmc_mode,
+                                                threads, chunk_size)
+    except ValueError as exc:
+        if wheres is None:
+            raise
+        raise ValueError(f'{wheres[0]}: {exc}') from exc
+    out = []
+    for t in range(batch.T):
         try:
-            return _chunk_metrics(dist, rows, qp[a:b], qc[a:b], gal, removal, cmc_mode)
-        except _NaNRow as bad:
-            raise ValueError(f'distmat contains NaN in the distances of query {a + bad.row}; '
-                             f'distances must be real numbers') from None
-
-    if threads > 1 and len(bounds) > 1:
-        with ThreadPoolExecutor(min(threads, len(bounds))) as pool:
-            outputs = list(pool.map(run, bounds))      # ordered: sums below are deterministic
-    else:
-        outputs = [run(bd) for bd in bounds]
-
-    # concatenated per-query values, summed once: the result does not depend on the chunking
-    first, ap, inp, valid = (np.concatenate(parts) for parts in zip(*outputs))
-    num_valid = int(valid.sum())
-    hits = np.bincount(np.minimum(first[valid], max_rank + 1), minlength=max_rank + 2)
-    ap_sum, inp_sum = float(ap[valid].sum()), float(inp[valid].sum())
-    if num_valid == 0:
-        raise ValueError(f'no valid query under {label}: 0 of {nq} queries have a kept true match '
-                         f'among {ng} gallery items ({len(gal.ids)} gallery ids)')
-    cmc = np.cumsum(hits[1:max_rank + 1]) / num_valid
-    cmc.setflags(write=False)
-    return CrossModalResult(cmc=cmc, mAP=ap_sum / num_valid, mINP=inp_sum / num_valid,
-                            num_valid=num_valid, num_query=nq, num_gallery=ng,
-                            removal=removal, cmc_mode=cmc_mode)
+            out.append(_summarise(first[:, t], ap[:, t], inp[:, t], valid[:, t], max_rank,
+                                  len(qp), batch.m[t], batch.n_ids[t], removal, cmc_mode, label))
+        except ValueError as exc:
+            if wheres is None:
+                raise
+            raise ValueError(f'{wheres[t]}: {exc}') from exc
+    return out
