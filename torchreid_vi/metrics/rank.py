@@ -289,11 +289,12 @@ class _RowReader:
 
 @dataclass
 class _Kind:
-    """The gallery columns one kind of query keeps, per trial, grouped by pid (stable).
+    """The gallery columns of each trial, padded to one width.
 
-    ``'all'`` columns serve every query; ``'room'`` (location rule only) drops the cam-2 columns,
-    for cam-3 queries. Shapes: T trials, M = the widest trial's kept columns, V = pids in the
-    union of the galleries.
+    Columns are in gallery order, except that under the location rule the cam-2 columns come
+    last, so a cam-3 query removes them by overwriting one slice with +inf. Each pid's columns
+    are listed in ``own`` (a query's true matches are gathered through it).
+    Shapes: T trials, M = the largest gallery, V = pids in the union of the galleries.
 
     Attributes:
         cols: (T * M,) int64 matrix columns to read, trial after trial (pads repeat a real one).
@@ -301,20 +302,24 @@ class _Kind:
         gpos: (T, M) int64 gallery position of each column (exact ties rank by it; pads -1).
         cams: (T, M) camera of each column.
         group: (T, M) vocabulary index of each column's pid (pads: V).
-        start, size: (T, V + 1) first column and column count of each pid's group (index V =
-            "pid not in the gallery": size 0).
+        own: (T, M) columns (0..M-1) listed pid after pid.
+        start, size: (T, V + 1) where each pid's list starts in ``own`` and its length (index
+            V = "pid not in the gallery": size 0).
         pad: (T, M) bool, True on padding columns; None when every trial has M columns.
-        kept: (T,) kept columns per trial.
+        kept: (T,) columns per trial.
+        room: (T, 2) [first, end) of the cam-2 columns (location rule only, else None).
     """
     cols: np.ndarray
     M: int
     gpos: np.ndarray
     cams: np.ndarray
     group: np.ndarray
+    own: np.ndarray
     start: np.ndarray
     size: np.ndarray
     pad: Optional[np.ndarray]
     kept: np.ndarray
+    room: Optional[np.ndarray]
 
 
 class _Batch:
@@ -333,23 +338,25 @@ class _Batch:
         self.vocab = np.unique(np.concatenate([p for _, p, _ in galleries]))
         self.n_ids = [len(np.unique(p)) for _, p, _ in galleries]
         self.removal = removal
-        self.all = self._kind(galleries, room=False)
-        self.room = self._kind(galleries, room=True) if removal == 'location' else None
+        self.kind = self._kind(galleries, location=removal == 'location')
 
-    def _kind(self, galleries, room: bool) -> _Kind:
-        orders = []
-        for _, pids, cams in galleries:
-            order = np.argsort(pids, kind='stable')
-            orders.append(order[cams[order] != LOCATION_GALLERY_CAM] if room else order)
+    def _kind(self, galleries, location: bool) -> _Kind:
+        if location:   # cam-2 columns last (stable)
+            orders = [np.argsort(cams == LOCATION_GALLERY_CAM, kind='stable')
+                      for _, _, cams in galleries]
+        else:
+            orders = [np.arange(len(pids)) for _, pids, _ in galleries]
         T, V = self.T, len(self.vocab)
         M = max(1, max(len(o) for o in orders))
         cols = np.zeros((T, M), np.int64)
         gpos = np.full((T, M), -1, np.int64)
         cams = np.zeros((T, M), np.int64)
         group = np.full((T, M), V, np.int64)
+        own = np.zeros((T, M), np.int64)
         start = np.zeros((T, V + 1), np.int64)
         size = np.zeros((T, V + 1), np.int64)
         pad = np.ones((T, M), bool)
+        room = np.zeros((T, 2), np.int64)
         for t, (order, (g_index, pids, g_cams)) in enumerate(zip(orders, galleries)):  # trials
             n = len(order)
             if n == 0:
@@ -358,11 +365,16 @@ class _Batch:
             cols[t, :n] = order if g_index is None else g_index[order]
             cols[t, n:] = cols[t, 0]
             gpos[t, :n], cams[t, :n], group[t, :n], pad[t, :n] = order, g_cams[order], vi, False
-            b = np.flatnonzero(np.r_[True, vi[1:] != vi[:-1]])
-            start[t, vi[b]] = b
-            size[t, vi[b]] = np.diff(np.r_[b, n])
-        return _Kind(cols=cols.ravel(), M=M, gpos=gpos, cams=cams, group=group, start=start,
-                     size=size, pad=pad if pad.any() else None, kept=(~pad).sum(1))
+            by_pid = np.argsort(vi, kind='stable')
+            own[t, :n] = by_pid
+            sv = vi[by_pid]
+            b = np.flatnonzero(np.r_[True, sv[1:] != sv[:-1]])
+            start[t, sv[b]] = b
+            size[t, sv[b]] = np.diff(np.r_[b, n])
+            room[t] = (n - int((g_cams == LOCATION_GALLERY_CAM).sum()), n)
+        return _Kind(cols=cols.ravel(), M=M, gpos=gpos, cams=cams, group=group, own=own,
+                     start=start, size=size, pad=pad if pad.any() else None,
+                     kept=(~pad).sum(1), room=room if location else None)
 
     def vocab_index(self, q_pids: np.ndarray) -> np.ndarray:
         """(nq,) index of each query pid in the vocabulary; V when no gallery has it."""
@@ -387,47 +399,78 @@ def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarra
                               torch.from_numpy(np.ascontiguousarray(values))).numpy()
 
 
-def _ap_inp(kept_rank: np.ndarray, npos: np.ndarray):
-    """AP and INP of rows from the (n, w) 1-based kept ranks of their positives, ascending,
-    padded after the first ``npos`` entries. Shared by every path, so that they agree to the bit:
-    the sum is sequential (cumsum), so the padding width does not change a row's AP."""
-    slot = np.arange(kept_rank.shape[1])
-    in_row = slot[None, :] < npos[:, None]
-    precision = np.where(in_row, (slot + 1)[None, :] / np.maximum(kept_rank, 1), 0.0)
-    ap = np.cumsum(precision, axis=1)[:, -1] / np.maximum(npos, 1)
-    inp = npos / np.maximum(kept_rank[np.arange(len(npos)), np.maximum(npos - 1, 0)], 1)
-    return ap, inp
+def _ap_inp(ranks: np.ndarray, npos: np.ndarray):
+    """(ap, inp, first) of R rows from the kept ranks of their true matches.
+
+    Args:
+        ranks: (sum(npos),) 1-based kept ranks, row after row, ascending within a row.
+        npos: (R,) true matches per row.
+
+    Every path calls this on the same numbers, so their results agree to the bit (AP sums go
+    through one ``np.add.reduceat``). Rows without a true match get 0.
+    """
+    R = len(npos)
+    ap, inp, first = np.zeros(R), np.zeros(R), np.zeros(R, np.int64)
+    some = np.flatnonzero(npos > 0)
+    if len(some) == 0:
+        return ap, inp, first
+    starts = np.cumsum(npos) - npos
+    index = np.arange(1, len(ranks) + 1) - np.repeat(starts, npos)   # 1-based, per row
+    precision = index / ranks
+    n = npos[some]
+    ap[some] = np.add.reduceat(precision, starts[some]) / n
+    inp[some] = n / ranks[starts[some] + n - 1]
+    first[some] = ranks[starts[some]]
+    return ap, inp, first
 
 
-def _groups_below(sub: np.ndarray, threshold: np.ndarray, group: np.ndarray, t_of: np.ndarray,
-                  V: int) -> np.ndarray:
-    """(R,) number of distinct pids with an item strictly below ``threshold`` in each row.
+def _groups_below(mask: np.ndarray, group: np.ndarray, t_of: np.ndarray, V: int) -> np.ndarray:
+    """(R,) number of distinct pids among each row's True items (mask (R, M): the items
+    strictly below the row's best true match).
 
     Only the items below a query's best true match are visited (``np.nonzero`` of the mask):
     with a useful model they are few, so this is ~one comparison pass instead of a per-pid
     reduction over the whole row (``np.minimum.reduceat`` costs ~1.4 ns per item).
     """
-    flat = np.flatnonzero(sub < threshold[:, None])   # 1-D: ~12x faster than 2-D nonzero
-    r, c = np.divmod(flat, sub.shape[1])
-    seen = np.zeros((sub.shape[0], V + 1), bool)
+    flat = np.flatnonzero(mask)                    # 1-D: ~12x faster than 2-D nonzero
+    r, c = np.divmod(flat, mask.shape[1])
+    seen = np.zeros((mask.shape[0], V + 1), bool)
     seen[r, group[t_of[r], c]] = True
     return seen[:, :V].sum(1)
 
 
-def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, same_pid_cam: bool, identity: bool, V: int):
+def _fill_room(sub, in_room, t_of, room, big):
+    """Overwrite the cam-2 slice of each cam-3 row (location rule) with ``big``."""
+    rows = np.flatnonzero(in_room)
+    spans = room[t_of[rows]]
+    if (spans == spans[0]).all():                                  # usual: one slice for all
+        sub[rows, spans[0, 0]:spans[0, 1]] = big
+        return
+    for t in np.unique(t_of[rows]):                                # else a loop over trials
+        r = rows[t_of[rows] == t]
+        sub[r, room[t, 0]:room[t, 1]] = big
+
+
+def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, removal: str, identity: bool, V: int):
     """Metrics of R (query, trial) rows.
 
     Args:
         sub: (R, M) our own copy of the rows' distances in ``kind``'s column order of their
             trial, pads +inf (or the integer maximum); overwritten (removed items, sorted).
         t_of: (R,) trial of each row. qv: (R,) vocabulary index of the query's pid (V = absent).
-        qc: (R,) query camera.
+        qc: (R,) query camera. removal: the rule.
 
     Returns:
         ``(first, ap, inp, valid, tied)`` per row: ``first`` is the kept rank of the first true
         match (image CMC) or the true person's rank in the de-duplicated kept list (identity
         CMC); ``tied`` marks valid rows whose result depends on an exact tie (only there does the
         stable order decide: they are redone on stable keys).
+
+    Removed items are overwritten with +inf, so they rank after every real distance and are
+    never counted. The kept rank of a true match is then 1 + the number of items strictly
+    below it: the row is sorted (numpy's SIMD sort of values; comparison passes per true match,
+    ``<`` plus ``<=`` to see ties, cost more even for 2-4 matches) and the matches are looked up
+    in it.
     """
     R, M = sub.shape
     is_float = sub.dtype.kind == 'f'
@@ -436,21 +479,30 @@ def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, same_pid_cam: bool, identity:
     width = max(int(size.max()) if R else 0, 1)
     slot = np.arange(width)
     in_group = slot[None, :] < size[:, None]
-    at = np.minimum(kind.start[t_of, qv][:, None] + slot[None, :], M - 1)
-    cand = np.take_along_axis(sub, at, axis=1)                     # own-pid items, in order
+    at = kind.own[t_of[:, None], np.minimum(kind.start[t_of, qv][:, None] + slot[None, :],
+                                            M - 1)]
+    cand = np.take_along_axis(sub, at, axis=1)                     # own-pid items
     is_pos = in_group
-    if same_pid_cam:
+    if removal == 'location':
+        in_room = qc == LOCATION_QUERY_CAM
+        if in_room.any():                                          # every cam-2 item of a cam-3 query
+            _fill_room(sub, in_room, t_of, kind.room, big)
+            is_pos = in_group & ~(in_room[:, None] & (kind.cams[t_of[:, None], at] ==
+                                                      LOCATION_GALLERY_CAM))
+    elif removal == 'same_pid_cam':
         removed = in_group & (kind.cams[t_of[:, None], at] == qc[:, None])
         rr, ss = np.nonzero(removed)
-        sub[rr, at[rr, ss]] = big                                  # ranks last, counts nowhere
+        sub[rr, at[rr, ss]] = big
         is_pos = in_group & ~removed
     npos = is_pos.sum(1)
     valid = npos > 0
     pos = np.where(is_pos, cand, big)
     pos.sort(axis=1)                                               # true matches, ascending
+    in_row = slot[None, :] < npos[:, None]
+    low = -np.inf if is_float else np.iinfo(sub.dtype).min
+    best = np.where(valid, pos[:, 0], low)[:, None]                # invalid rows: nothing below
     if identity:
-        low = -np.inf if is_float else np.iinfo(sub.dtype).min
-        closer = _groups_below(sub, np.where(valid, pos[:, 0], low), kind.group, t_of, V)
+        closer = _groups_below(sub < best, kind.group, t_of, V)
     sub.sort(axis=1)                                               # numpy's SIMD sort of values
     if is_float:
         nan = np.isnan(sub[:, -1])                                 # NaN sorts last
@@ -459,11 +511,10 @@ def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, same_pid_cam: bool, identity:
     below = _searchsorted_rows(sub, pos)                           # items strictly closer
     # the match itself sits at `below`; an equal value right after it is an exact tie
     after = np.take_along_axis(sub, np.minimum(below + 1, M - 1), axis=1)
-    in_row = slot[None, :] < npos[:, None]
     tied = ((below + 1 < M) & (after == pos) & in_row).any(1)
-    kept_rank = below + 1
-    ap, inp = _ap_inp(kept_rank, npos)
-    first = closer + 1 if identity else kept_rank[:, 0]
+    ap, inp, first = _ap_inp(below[in_row] + 1, npos)
+    if identity:
+        first = closer + 1
     return first, ap, inp, valid, tied & valid
 
 
@@ -485,12 +536,13 @@ def _stable_keys(block: np.ndarray) -> np.ndarray:
     return ranks
 
 
-def _exact_rows(block, q_row, t_of, qv, qc, batch: _Batch, kind: _Kind, same_pid_cam, identity):
+def _exact_rows(block, q_row, t_of, qv, qc, batch: _Batch, identity: bool):
     """``_batch_metrics`` of rows with exact ties, on stable keys built in gallery order.
 
     block: the chunk's (k, num_columns) distances; q_row, t_of: (r,) row of ``block`` and trial
     of each row to redo.
     """
+    kind = batch.kind
     out = [np.zeros(len(q_row), np.int64), np.zeros(len(q_row)), np.zeros(len(q_row)),
            np.zeros(len(q_row), bool)]
     for t in np.unique(t_of):                                      # a loop over trials
@@ -502,7 +554,7 @@ def _exact_rows(block, q_row, t_of, qv, qc, batch: _Batch, kind: _Kind, same_pid
         n = int(kind.kept[t])
         sub = np.full((len(sel), kind.M), np.iinfo(keys.dtype).max, keys.dtype)
         sub[:, :n] = np.take(keys, kind.gpos[t, :n], axis=1)
-        res = _batch_metrics(sub, np.full(len(sel), t), qv[sel], qc[sel], kind, same_pid_cam,
+        res = _batch_metrics(sub, np.full(len(sel), t), qv[sel], qc[sel], kind, batch.removal,
                              identity, len(batch.vocab))
         assert not res[4].any(), 'stable keys cannot tie'
         for o, v in zip(out, res[:4]):
@@ -527,29 +579,20 @@ def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, b
 
     Queries are processed in chunks of rows; each chunk's rows are read once and every trial's
     gallery is gathered from them (trial after trial in one array), so the matrix is read once
-    per batch and the per-call overhead is shared by the T trials. Under the location rule the
-    cam-3 queries are processed after the others, so each chunk splits into two contiguous parts
-    with their own columns ('all' and 'room'). Chunks run on a thread pool (numpy releases the
-    GIL); results are written per query, so they do not depend on the chunking.
+    per batch and the per-call overhead is shared by the T trials. Chunks run on a thread pool
+    (numpy releases the GIL); results are written per query, so they do not depend on the
+    chunking.
 
-    Peak extra memory per worker: ~ (12 + 8 * T) * rows * M bytes for the gathered block, its
-    pid-grouped copy and masks, with rows = min(chunk_size, _BLOCK_ELEMS // (T * M)) (at least
-    8), plus the chunk's matrix rows when they are not a view (transposed input).
+    Peak extra memory per worker: ~ (13 + 8 * w) * rows * T * M bytes (gathered distances, a
+    mask, per-row scratch; w = true matches per row) with rows = min(chunk_size,
+    max(8, _BLOCK_ELEMS // (T * M))), plus rows * num_columns * itemsize for the chunk's matrix
+    rows when they are not a view (column-major matrix or a query_index).
     """
-    nq, T = len(qp), batch.T
+    nq, T, kind = len(qp), batch.T, batch.kind
     V = len(batch.vocab)
     qv = batch.vocab_index(qp)
-    same_pid_cam = batch.removal == 'same_pid_cam'
     identity = cmc_mode == 'identity'
-    if batch.room is not None:
-        in_room = qc == LOCATION_QUERY_CAM
-        order = np.r_[np.flatnonzero(~in_room), np.flatnonzero(in_room)]
-        n_front = int((~in_room).sum())
-        if np.array_equal(order, np.arange(nq)):
-            order = None
-    else:
-        order, n_front = None, nq
-    step = max(8, _BLOCK_ELEMS // (T * batch.all.M))
+    step = max(8, _BLOCK_ELEMS // (T * kind.M))
     if chunk_size is not None:
         step = min(step, int(chunk_size))
     step = max(1, min(step, -(-nq // threads)))
@@ -557,44 +600,32 @@ def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, b
     first = np.zeros((nq, T), np.int64)
     ap, inp = np.zeros((nq, T)), np.zeros((nq, T))
     valid = np.zeros((nq, T), bool)
+    t_all = np.arange(T)
 
     def run(bound):
         a, b = bound
-        at = slice(a, b) if order is None else order[a:b]          # query positions
-        if q_index is None:
-            rows = at
-        else:
-            rows = q_index[at]
-        block = reader(rows)
-        parts = [(a, min(b, n_front), batch.all)]
-        if batch.room is not None:
-            parts.append((max(a, n_front), b, batch.room))
-        for lo, hi, kind in parts:
-            if hi <= lo:
-                continue
-            blk = block[lo - a:hi - a]
-            k = hi - lo
-            sub = np.take(blk, kind.cols, axis=1, mode='clip').reshape(k * T, kind.M)
-            big = np.inf if sub.dtype.kind == 'f' else np.iinfo(sub.dtype).max
-            if kind.pad is not None:
-                sub.reshape(k, T, kind.M)[:, kind.pad] = big
-            t_of = np.tile(np.arange(T), k)
-            q_row = np.repeat(np.arange(k), T)
-            pos = (np.arange(lo, hi) if order is None else order[lo:hi])
-            try:
-                f, p, i, v, tied = _batch_metrics(sub, t_of, qv[pos][q_row], qc[pos][q_row],
-                                                  kind, same_pid_cam, identity, V)
-            except _NaNRow as bad:
-                raise ValueError(f'distmat contains NaN in the distances of query '
-                                 f'{pos[bad.row // T]}; distances must be real numbers') from None
-            del sub
-            if tied.any():
-                r = np.flatnonzero(tied)
-                redo = _exact_rows(blk, q_row[r], t_of[r], qv[pos][q_row[r]], qc[pos][q_row[r]],
-                                   batch, kind, same_pid_cam, identity)
-                for o, val in zip((f, p, i, v), redo):
-                    o[r] = val
-            first[pos], ap[pos], inp[pos], valid[pos] = (x.reshape(k, T) for x in (f, p, i, v))
+        k = b - a
+        block = reader(slice(a, b) if q_index is None else q_index[a:b])
+        sub = np.take(block, kind.cols, axis=1, mode='clip').reshape(k * T, kind.M)
+        if kind.pad is not None:
+            sub.reshape(k, T, kind.M)[:, kind.pad] = np.inf if sub.dtype.kind == 'f' else \
+                np.iinfo(sub.dtype).max
+        t_of = np.tile(t_all, k)
+        q_row = np.repeat(np.arange(k), T)
+        try:
+            f, p, i, v, tied = _batch_metrics(sub, t_of, qv[a:b][q_row], qc[a:b][q_row], kind,
+                                              batch.removal, identity, V)
+        except _NaNRow as bad:
+            raise ValueError(f'distmat contains NaN in the distances of query '
+                             f'{a + bad.row // T}; distances must be real numbers') from None
+        del sub
+        if tied.any():
+            r = np.flatnonzero(tied)
+            redo = _exact_rows(block, q_row[r], t_of[r], qv[a:b][q_row[r]], qc[a:b][q_row[r]],
+                               batch, identity)
+            for o, val in zip((f, p, i, v), redo):
+                o[r] = val
+        first[a:b], ap[a:b], inp[a:b], valid[a:b] = (x.reshape(k, T) for x in (f, p, i, v))
 
     if threads > 1 and len(bounds) > 1:
         with ThreadPoolExecutor(min(threads, len(bounds))) as pool:
@@ -610,7 +641,7 @@ def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, b
 # pooled engine: one exact sort of each query's pool row serves every trial
 
 _POOL_BYTES = 8 << 20          # working set of one pooled chunk (keys + gathered words)
-_IDENTITY_WINDOW = 64          # sorted pool positions inspected for the identity CMC
+_IDENTITY_WINDOW = 128         # sorted pool positions inspected for the identity CMC
 _DENSE = 8                     # pooled trials hold at least 1/_DENSE of the pool's columns
 
 
@@ -690,7 +721,8 @@ class _Pool:
         member = np.concatenate([np.zeros((1, T), bool), member.reshape(kinds * n, T)])
         self.m = [len(p) for p in positions]
         # low key half: (table index << 1) | own flag, per kind of query
-        self.low = [((1 + kind * n + np.arange(n)) << 1).astype(np.int32) for kind in
+        # (the flag fills the lowest byte, so that byte read as bool finds the own items)
+        self.low = [((1 + kind * n + np.arange(n)) << 8).astype(np.int32) for kind in
                     range(kinds)]
         # first-fit bit fields: field t counts up to m_t
         width = [int(m).bit_length() for m in self.m]
@@ -752,9 +784,11 @@ class _Pool:
         if bad.any():
             raise _NaNRow(int(np.flatnonzero(bad)[0]))
         s = np.full((k, wo), n + 1, np.int64)                      # sorted positions of own items
-        s[in_own] = np.flatnonzero(keys & 1) % (n + 1)             # row-major: ascending per row
+        flag = keys.view(np.uint8).reshape(k, n + 1, 8)[:, :, 0 if sys.byteorder == 'little'
+                                                         else 7].view(bool)
+        s[in_own] = np.flatnonzero(flag) % (n + 1)                 # row-major: ascending per row
         np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
-        np.right_shift(keys, 1, out=keys)                          # -> table index, sorted
+        np.right_shift(keys, 8, out=keys)                          # -> table index, sorted
         tab = np.where(in_own, np.take_along_axis(keys, np.minimum(s, n), axis=1), 0)
         # kept items of every trial before each own item: packed words summed per segment
         G = np.take(self.P, keys, axis=1, mode='clip').reshape(W, -1)
@@ -775,15 +809,10 @@ class _Pool:
                 self.spc[:, None, None])
             is_pos = member & ~gone
             cnt -= (np.cumsum(gone, axis=2, dtype=np.int32) - gone)   # removed: not counted
-        kept_rank = cnt + 1
         npos = is_pos.sum(2)
         valid = npos > 0
-        # the same float operations as _ap_inp (zeros between the terms change no sum)
-        precision = np.zeros(is_pos.shape)
-        np.divide(np.cumsum(is_pos, axis=2), kept_rank, out=precision, where=is_pos)
-        ap = np.cumsum(precision, axis=2)[..., -1] / np.maximum(npos, 1)
-        inp = npos / np.maximum(np.where(is_pos, kept_rank, 0).max(2), 1)
-        first = np.where(is_pos, kept_rank, np.iinfo(np.int32).max).min(2).astype(np.int64)
+        ranks = cnt.ravel()[np.flatnonzero(is_pos)] + 1            # (t, query) after (t, query)
+        ap, inp, first = (x.reshape(T, k) for x in _ap_inp(ranks, npos.ravel()))
         if self.ident.any():
             first_id, unresolved = self._identity(keys, s, is_pos, qv, valid)
             first = np.where(self.ident[:, None], first_id, first)
@@ -827,7 +856,7 @@ class _Pool:
 
     def _recompute_first(self, block, rows, trials, qp, qc):
         """Identity ``first`` of (query ``rows[i]``, trial ``trials[i]``) pairs on each trial's own
-        gallery (one batched call per removal rule and kind of query)."""
+        gallery (one batched call per removal rule)."""
         first = np.zeros(len(rows), np.int64)
         for removal in set(self.removals[t] for t in np.unique(trials)):
             if removal not in self._batches:
@@ -836,28 +865,19 @@ class _Pool:
                 pos[ts] = np.arange(len(ts))
                 self._batches[removal] = (_Batch([self.galleries[t] for t in ts], removal), pos)
             batch, pos = self._batches[removal]
+            kind = batch.kind
             pick = np.flatnonzero(np.array([self.removals[t] == removal for t in trials]))
-            tb = pos[trials[pick]]
-            r = rows[pick]
-            room = (qc[r] == LOCATION_QUERY_CAM) if batch.room is not None else np.zeros(
-                len(r), bool)
-            for kind, sel in ((batch.all, ~room), (batch.room, room)):
-                if not sel.any():
-                    continue
-                ri, ti = r[sel], tb[sel]
-                cols = kind.cols.reshape(batch.T, kind.M)[ti]
-                sub = np.take_along_axis(block[ri], cols, axis=1)
-                if kind.pad is not None:
-                    sub[kind.pad[ti]] = np.inf
-                qv = batch.vocab_index(qp[ri])
-                spc = removal == 'same_pid_cam'
-                f, _, _, _, tied = _batch_metrics(sub, ti, qv, qc[ri], kind, spc, True,
-                                                  len(batch.vocab))
-                if tied.any():
-                    z = np.flatnonzero(tied)
-                    f[z] = _exact_rows(block, ri[z], ti[z], qv[z], qc[ri][z], batch, kind, spc,
-                                       True)[0]
-                first[pick[sel]] = f
+            ri, ti = rows[pick], pos[trials[pick]]
+            sub = np.take_along_axis(block[ri], kind.cols.reshape(batch.T, kind.M)[ti], axis=1)
+            if kind.pad is not None:
+                sub[kind.pad[ti]] = np.inf
+            qv = batch.vocab_index(qp[ri])
+            f, _, _, _, tied = _batch_metrics(sub, ti, qv, qc[ri], kind, removal, True,
+                                              len(batch.vocab))
+            if tied.any():
+                z = np.flatnonzero(tied)
+                f[z] = _exact_rows(block, ri[z], ti[z], qv[z], qc[ri][z], batch, True)[0]
+            first[pick] = f
         return first
 
 
@@ -931,10 +951,12 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
                          [trials[t][4] for t in pooled], max_rank, reader.shape[1])
         except _NotPoolable:
             pool = None
-        # measured per-query costs (ns): pool ~6 per pool column + ~0.8 per packed word and
-        # column; batches ~3.5 per gallery item
-        if pool is not None and strategy == 'auto' and (
-                pool.n * (6 + 0.8 * pool.W) > 3.5 * sum(pool.m)):
+        # measured per-query CPU costs (ns, benchmarks/bench_eval.py data): the pool ~6 per
+        # pool column + ~2.7 per packed word and column; batches ~3.5 per gallery item plus
+        # ~0.1 per item and true match (the look-ups in the sorted row)
+        batch_cost = sum(len(g) * (3.5 + 0.1 * len(g) / max(1, len(np.unique(gp))))
+                         for g, gp, _ in pool.galleries) if pool is not None else 0
+        if pool is not None and strategy == 'auto' and pool.n * (6 + 2.7 * pool.W) > batch_cost:
             pool = None
     out: List[Optional[CrossModalResult]] = [None] * T
     if pool is not None:
@@ -960,7 +982,17 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
     for t, tr in enumerate(trials):
         if out[t] is None:
             groups.setdefault((tr[3], tr[4]), []).append(t)
+    batches = []
     for (removal, cmc_mode), ts in groups.items():
+        # similar gallery sizes per batch: padding a 112-column gallery to 301 costs 2.7x
+        ts = sorted(ts, key=lambda t: -len(galleries[t][0]))
+        cut = [0]
+        for i in range(1, len(ts)):
+            if 4 * len(galleries[ts[i]][0]) < 3 * len(galleries[ts[cut[-1]]][0]):
+                cut.append(i)
+        cut.append(len(ts))
+        batches += [(removal, cmc_mode, sorted(ts[a:b])) for a, b in zip(cut[:-1], cut[1:])]
+    for removal, cmc_mode, ts in batches:
         res = _evaluate_many(reader, q_index, qp, qc, [galleries[t] for t in ts], removal,
                              cmc_mode, max_rank, f'(removal={removal!r}, cmc_mode={cmc_mode!r})',
                              threads, chunk_size, stacklevel=stacklevel + 1,
