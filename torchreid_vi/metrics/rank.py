@@ -56,7 +56,7 @@ import torch
 
 __all__ = [
     'CrossModalResult', 'evaluate_cross_modal', 'protocol_rules', 'resolve_rules',
-    'PROTOCOLS', 'REMOVALS', 'CMC_MODES', 'SEMANTICS', 'DEFAULT_REPORT_RANKS',
+    'PROTOCOLS', 'REMOVALS', 'CMC_MODES', 'SEMANTICS', 'DEFAULT_REPORT_RANKS', 'BACKENDS',
 ]
 
 REMOVALS = ('location', 'same_pid_cam', 'none')
@@ -923,9 +923,12 @@ def _evaluate_pool(reader: _RowReader, q_index, qp, qc, pool: _Pool, threads: in
     return first, ap, inp, valid
 
 
+_STRATEGY = 'auto'             # engines for trial groups; tests set 'pool' or 'batch'
+
+
 def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, threads: int,
                     chunk_size: Optional[int], wheres: Sequence[str], stacklevel: int = 2,
-                    strategy: str = 'auto'):
+                    strategy: Optional[str] = None):
     """One CrossModalResult per trial, every trial against the same queries.
 
     trials: per trial ``(g_index, g_pids, g_cams, removal, cmc_mode)``. Dense trials sharing a
@@ -933,6 +936,7 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
     engine when that is cheaper; the others run as batches of trials with the same rules.
     ``strategy``: 'auto' | 'pool' (every trial that can be pooled) | 'batch' (for tests).
     """
+    strategy = _STRATEGY if strategy is None else strategy
     T = len(trials)
     galleries = [(g, gp, gc) for g, gp, gc, _, _ in trials]
     pooled: List[int] = []
@@ -1002,6 +1006,34 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
     return out
 
 
+def _per_query(distmat, q_pids, g_pids, q_camids, g_camids, removal: str, cmc_mode: str, *,
+               engine: str, max_rank: int = 20, query_index=None, gallery_index=None,
+               chunk_size: Optional[int] = None):
+    """Per-query ``(first, ap, inp, valid)`` numpy arrays of one trial from one engine:
+    'batch', 'pool' (needs float32 and an ascending ``gallery_index``) or 'torch'. For tests:
+    they compare the engines' rankings query by query. The pool caps identity ranks above
+    ``max_rank`` at ``max_rank + 1`` (all the CMC needs)."""
+    if engine == 'torch':
+        dist = _as_distance_tensor(distmat)
+        return _torch_per_query(dist, query_index, gallery_index, np.asarray(q_pids),
+                                np.asarray(q_camids), np.asarray(g_pids), np.asarray(g_camids),
+                                removal, cmc_mode, chunk_size)
+    dist = _as_distance_matrix(distmat)
+    q_index = None if query_index is None else np.asarray(query_index, np.int64)
+    g_index = None if gallery_index is None else np.asarray(gallery_index, np.int64)
+    gallery = (g_index, np.asarray(g_pids), np.asarray(g_camids))
+    qp, qc = np.asarray(q_pids), np.asarray(q_camids)
+    if engine == 'pool':
+        g = np.arange(dist.shape[1]) if g_index is None else g_index
+        pool = _Pool([(g, gallery[1], gallery[2])], [removal], [cmc_mode], max_rank,
+                     dist.shape[1])
+        out = _evaluate_pool(_RowReader(dist), q_index, qp, qc, pool, 1, chunk_size)
+    else:
+        out = _evaluate_batch(_RowReader(dist), q_index, qp, qc, _Batch([gallery], removal),
+                              cmc_mode, 1, chunk_size)
+    return tuple(x[:, 0] for x in out)
+
+
 def _summarise(first, ap, inp, valid, max_rank: int, nq: int, ng: int, n_ids: int,
                removal: str, cmc_mode: str, label: str) -> CrossModalResult:
     """CrossModalResult of one trial from its (nq,) per-query values (query order: the sums do
@@ -1016,6 +1048,136 @@ def _summarise(first, ap, inp, valid, max_rank: int, nq: int, ng: int, n_ids: in
     return CrossModalResult(cmc=cmc, mAP=float(ap[valid].sum()) / num_valid,
                             mINP=float(inp[valid].sum()) / num_valid, num_valid=num_valid,
                             num_query=nq, num_gallery=ng, removal=removal, cmc_mode=cmc_mode)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch path: the same definitions, on the matrix's device (CUDA)
+
+BACKENDS = ('numpy', 'torch')
+_TORCH_BYTES = 1 << 28         # working set of one torch chunk (~48 bytes per distance)
+
+
+def _resolve_backend(distmat, backend: Optional[str]) -> str:
+    """'torch' for a tensor that lives off the CPU (default), else 'numpy'; or as asked."""
+    if backend is None:
+        on_device = isinstance(distmat, torch.Tensor) and distmat.device.type != 'cpu'
+        return 'torch' if on_device else 'numpy'
+    if backend not in BACKENDS:
+        raise ValueError(f'unknown backend {backend!r}; expected one of {BACKENDS} or None '
+                         f'(torch for a tensor on a GPU, else numpy)')
+    return backend
+
+
+def _as_distance_tensor(distmat) -> torch.Tensor:
+    """The distances as a 2-D floating tensor on their own device (no copy to the host)."""
+    if isinstance(distmat, torch.Tensor):
+        dist = distmat.detach()
+    else:
+        dist = torch.from_numpy(np.ascontiguousarray(_to_numpy(distmat, 'distmat')))
+    if dist.ndim != 2:
+        raise ValueError(f'distmat must have shape (num_query, num_gallery), '
+                         f'got shape {tuple(dist.shape)}')
+    if dist.dtype in (torch.float16, torch.bfloat16):
+        dist = dist.float()                  # exact
+    elif dist.dtype in (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32,
+                        torch.int64):
+        dist = dist.double()                 # exact for |values| < 2**53
+    elif dist.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f'distmat must hold real numbers, got dtype {dist.dtype}')
+    return dist
+
+
+def _torch_rows(sub, qp, qc, gp, gc, gid, own, n_ids: int, removal: str, identity: bool):
+    """Per-query (first, ap, inp, valid) of k queries from their (k, m) distances ``sub``.
+
+    The §3.4 reference semantics in torch, on ``sub``'s device: one stable sort per row
+    (exact ties go to the lower gallery column), removal masks, cumulative sums for kept ranks,
+    ``scatter_reduce('amin')`` for each person's best kept position (identity CMC).
+    qp, qc: (k,) query pids/cams; gp, gc, gid: (m,) gallery pids/cams/pid group (0..n_ids-1);
+    own: (k,) group of each query's pid (-1: absent).
+    """
+    k, m = sub.shape
+    dev = sub.device
+    vals, order = torch.sort(sub, dim=1, stable=True)
+    if sub.is_floating_point():
+        nan = torch.isnan(vals[:, -1])                            # NaN sorts last
+        if bool(nan.any()):
+            raise _NaNRow(int(torch.nonzero(nan)[0, 0]))
+    del vals
+    gp_o, gc_o = gp[order], gc[order]
+    match = gp_o == qp[:, None]
+    if removal == 'location':
+        removed = (qc == LOCATION_QUERY_CAM)[:, None] & (gc_o == LOCATION_GALLERY_CAM)
+    elif removal == 'same_pid_cam':
+        removed = match & (gc_o == qc[:, None])
+    else:
+        removed = torch.zeros_like(match)
+    kept = ~removed
+    pos = match & kept
+    krank = kept.cumsum(1)                                        # 1-based kept rank
+    ncum = pos.cumsum(1)
+    npos = ncum[:, -1]
+    valid = npos > 0
+    precision = torch.where(pos, ncum.double() / krank.clamp_min(1).double(), 0.0)
+    ap = precision.sum(1) / npos.clamp_min(1).double()
+    inp = npos.double() / torch.where(pos, krank, 0).amax(1).clamp_min(1).double()
+    if identity:
+        where = torch.where(kept, torch.arange(m, device=dev).expand(k, m), m)
+        position = torch.empty((k, m), dtype=torch.int64, device=dev)
+        position.scatter_(1, order, where)                        # kept sorted position per column
+        best = torch.full((k, max(n_ids, 1)), m, dtype=torch.int64, device=dev)
+        best.scatter_reduce_(1, gid.expand(k, m), position, 'amin')
+        own_best = best.gather(1, own.clamp_min(0)[:, None])
+        first = (best < own_best).sum(1) + 1
+    else:
+        first = torch.where(pos, krank, m + 1).amin(1)
+    return first, ap, inp, valid
+
+
+def _torch_per_query(dist: torch.Tensor, q_index, g_index, qp, qc, gp, gc, removal: str,
+                     cmc_mode: str, chunk_size: Optional[int]):
+    """(first, ap, inp, valid) numpy arrays (nq,) of one trial, computed on ``dist``'s device.
+
+    ``dist[q_index][:, g_index]`` is gathered chunk by chunk (None = all rows/columns); only the
+    per-query results come back to the host. Peak extra device memory ~ 48 bytes x rows x m,
+    rows = chunk_size or _TORCH_BYTES // (48 m).
+    """
+    dev = dist.device
+    as_t = lambda x: torch.as_tensor(np.asarray(x), dtype=torch.int64, device=dev)  # noqa: E731
+    qp_t, qc_t, gp_t, gc_t = as_t(qp), as_t(qc), as_t(gp), as_t(gc)
+    qi = None if q_index is None else as_t(q_index)
+    gi = None if g_index is None else as_t(g_index)
+    vocab = torch.unique(gp_t)
+    gid = torch.searchsorted(vocab, gp_t)
+    own = torch.searchsorted(vocab, qp_t).clamp_max(len(vocab) - 1)
+    own = torch.where(vocab[own] == qp_t, own, -1)
+    nq, m = len(qp), len(gp)
+    step = chunk_size or max(1, _TORCH_BYTES // (48 * m))
+    parts = []
+    for a in range(0, nq, step):                                   # chunks, not queries
+        b = min(a + step, nq)
+        sub = dist[a:b] if qi is None else dist.index_select(0, qi[a:b])
+        if gi is not None:
+            sub = sub.index_select(1, gi)
+        try:
+            parts.append(_torch_rows(sub, qp_t[a:b], qc_t[a:b], gp_t, gc_t, gid, own[a:b],
+                                     len(vocab), removal, cmc_mode == 'identity'))
+        except _NaNRow as bad:
+            raise ValueError(f'distmat contains NaN in the distances of query {a + bad.row}; '
+                             f'distances must be real numbers') from None
+    return tuple(torch.cat(p).cpu().numpy() for p in zip(*parts))
+
+
+def _torch_result(dist, q_index, g_index, qp, qc, gp, gc, removal, cmc_mode, max_rank, label,
+                  chunk_size, stacklevel: int = 3) -> CrossModalResult:
+    n_ids = len(np.unique(gp))
+    if max_rank > n_ids:
+        warnings.warn(f'max_rank={max_rank} exceeds the {n_ids} distinct gallery ids: the CMC '
+                      f'tail saturates (carried forward)', stacklevel=stacklevel)
+    first, ap, inp, valid = _torch_per_query(dist, q_index, g_index, qp, qc, gp, gc, removal,
+                                             cmc_mode, chunk_size)
+    return _summarise(first, ap, inp, valid, max_rank, len(qp), len(gp), n_ids, removal,
+                      cmc_mode, label)
 
 
 def _index(x, name: str, size: int, what: str) -> Optional[np.ndarray]:
@@ -1043,7 +1205,8 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
                          removal: Optional[str] = None, cmc_mode: Optional[str] = None,
                          chunk_size: Optional[int] = None,
                          query_index=None, gallery_index=None,
-                         num_threads: Optional[int] = None) -> CrossModalResult:
+                         num_threads: Optional[int] = None,
+                         backend: Optional[str] = None) -> CrossModalResult:
     """Cross-modal CMC / mAP / mINP of one query set against one gallery (§3.1 definitions).
 
     Args:
@@ -1066,6 +1229,9 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
             Exact ties rank by position in ``gallery_index``.
         num_threads: worker threads over query chunks (numpy releases the GIL); default
             ``torch.get_num_threads()``. Results do not depend on it.
+        backend: 'numpy' (the host engines), 'torch' (every step in torch on the matrix's
+            device: stable sort, cumulative sums, scatter_reduce; same definitions and tie
+            rule) or None: torch for a tensor on a GPU (it stays there), numpy otherwise.
 
     Returns:
         :class:`CrossModalResult` (fractions, float64).
@@ -1082,7 +1248,8 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
         ([1.0, 1.0], 1.0, 2)
     """
     removal, cmc_mode, label = resolve_rules(protocol, removal, cmc_mode)
-    dist = _as_distance_matrix(distmat)
+    backend = _resolve_backend(distmat, backend)
+    dist = _as_distance_tensor(distmat) if backend == 'torch' else _as_distance_matrix(distmat)
     q_index = _index(query_index, 'query_index', dist.shape[0], 'rows')
     g_index = _index(gallery_index, 'gallery_index', dist.shape[1], 'columns')
     nq = dist.shape[0] if q_index is None else len(q_index)
@@ -1099,6 +1266,9 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
         raise ValueError(f'num_threads must be >= 1, got {num_threads!r}')
     if nq == 0 or ng == 0:
         raise ValueError(f'empty evaluation under {label}: {nq} queries x {ng} gallery items')
+    if backend == 'torch':
+        return _torch_result(dist, q_index, g_index, qp, qc, gp, gc, removal, cmc_mode,
+                             max_rank, label, chunk_size)
     return _evaluate_many(_RowReader(dist), q_index, qp, qc, [(g_index, gp, gc)], removal,
                           cmc_mode, max_rank, label, threads, chunk_size, stacklevel=3)[0]
 
