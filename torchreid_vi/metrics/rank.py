@@ -573,59 +573,82 @@ def _default_threads() -> int:
     return max(1, min(int(torch.get_num_threads()), os.cpu_count() or 1))
 
 
-def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, batch: _Batch,
-                    cmc_mode: str, threads: int, chunk_size: Optional[int]):
-    """Per-query results of every trial of ``batch``: (first, ap, inp, valid), each (nq, T).
+class _BatchEngine:
+    """A trial batch evaluated on blocks of query rows; per-query outputs (nq, T).
 
-    Queries are processed in chunks of rows; each chunk's rows are read once and every trial's
-    gallery is gathered from them (trial after trial in one array), so the matrix is read once
-    per batch and the per-call overhead is shared by the T trials. Chunks run on a thread pool
-    (numpy releases the GIL); results are written per query, so they do not depend on the
-    chunking.
-
-    Peak extra memory per worker: ~ (13 + 8 * w) * rows * T * M bytes (gathered distances, a
-    mask, per-row scratch; w = true matches per row) with rows = min(chunk_size,
-    max(8, _BLOCK_ELEMS // (T * M))), plus rows * num_columns * itemsize for the chunk's matrix
-    rows when they are not a view (column-major matrix or a query_index).
+    Each block's rows get every trial's gallery gathered side by side (one array, one numpy
+    call sequence for all T trials), ``step`` rows at a time so that the gathered distances
+    stay in the L2 cache. Peak extra memory: ~ (13 + 8 * w) * step * T * M bytes (gathered
+    distances, a mask, per-row scratch; w = true matches per row), step = min(chunk_size,
+    max(8, _BLOCK_ELEMS // (T * M))).
     """
-    nq, T, kind = len(qp), batch.T, batch.kind
-    V = len(batch.vocab)
-    qv = batch.vocab_index(qp)
-    identity = cmc_mode == 'identity'
-    step = max(8, _BLOCK_ELEMS // (T * kind.M))
-    if chunk_size is not None:
-        step = min(step, int(chunk_size))
-    step = max(1, min(step, -(-nq // threads)))
-    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
-    first = np.zeros((nq, T), np.int64)
-    ap, inp = np.zeros((nq, T)), np.zeros((nq, T))
-    valid = np.zeros((nq, T), bool)
-    t_all = np.arange(T)
 
-    def run(bound):
-        a, b = bound
-        k = b - a
-        block = reader(slice(a, b) if q_index is None else q_index[a:b])
+    def __init__(self, batch: _Batch, cmc_mode: str, qp, qc, chunk_size: Optional[int]):
+        nq, T = len(qp), batch.T
+        self.batch, self.identity = batch, cmc_mode == 'identity'
+        self.qv, self.qc = batch.vocab_index(qp), qc
+        self.step = max(8, _BLOCK_ELEMS // (T * batch.kind.M))
+        if chunk_size is not None:
+            self.step = min(self.step, chunk_size)
+        self.first = np.zeros((nq, T), np.int64)
+        self.ap, self.inp = np.zeros((nq, T)), np.zeros((nq, T))
+        self.valid = np.zeros((nq, T), bool)
+
+    def process(self, block: np.ndarray, a: int) -> None:
+        """Evaluate the queries a .. a + len(block) from their distance rows ``block``."""
+        for lo in range(0, len(block), self.step):
+            self._rows(block[lo:lo + self.step], a + lo)
+
+    def _rows(self, block, a):
+        batch, kind = self.batch, self.batch.kind
+        k, T = len(block), batch.T
+        b = a + k
         sub = np.take(block, kind.cols, axis=1, mode='clip').reshape(k * T, kind.M)
         if kind.pad is not None:
             sub.reshape(k, T, kind.M)[:, kind.pad] = np.inf if sub.dtype.kind == 'f' else \
                 np.iinfo(sub.dtype).max
-        t_of = np.tile(t_all, k)
+        t_of = np.tile(np.arange(T), k)
         q_row = np.repeat(np.arange(k), T)
+        qv, qc = self.qv[a:b][q_row], self.qc[a:b][q_row]
         try:
-            f, p, i, v, tied = _batch_metrics(sub, t_of, qv[a:b][q_row], qc[a:b][q_row], kind,
-                                              batch.removal, identity, V)
+            f, p, i, v, tied = _batch_metrics(sub, t_of, qv, qc, kind, batch.removal,
+                                              self.identity, len(batch.vocab))
         except _NaNRow as bad:
             raise ValueError(f'distmat contains NaN in the distances of query '
                              f'{a + bad.row // T}; distances must be real numbers') from None
         del sub
         if tied.any():
             r = np.flatnonzero(tied)
-            redo = _exact_rows(block, q_row[r], t_of[r], qv[a:b][q_row[r]], qc[a:b][q_row[r]],
-                               batch, identity)
+            redo = _exact_rows(block, q_row[r], t_of[r], qv[r], qc[r], batch, self.identity)
             for o, val in zip((f, p, i, v), redo):
                 o[r] = val
-        first[a:b], ap[a:b], inp[a:b], valid[a:b] = (x.reshape(k, T) for x in (f, p, i, v))
+        self.first[a:b], self.ap[a:b], self.inp[a:b], self.valid[a:b] = (
+            x.reshape(k, T) for x in (f, p, i, v))
+
+
+_BLOCK_BYTES = 4 << 20         # query rows read per block (shared by every engine of a group)
+
+
+def _drive(reader: _RowReader, q_index: Optional[np.ndarray], nq: int, engines, threads: int,
+           chunk_size: Optional[int]) -> None:
+    """Read the queries' rows block by block, once, and hand each block to every engine.
+
+    Blocks hold ~_BLOCK_BYTES of matrix rows (at most ``chunk_size`` queries, at least 8, and
+    enough blocks for ``threads`` workers); each engine cuts them to its own cache-sized steps.
+    Blocks run on a thread pool (numpy releases the GIL); engines write per-query outputs, so
+    results do not depend on the blocking.
+    """
+    step = max(8, _BLOCK_BYTES // max(1, reader.shape[1] * reader.dtype.itemsize))
+    if chunk_size is not None:
+        step = min(step, chunk_size)
+    step = max(1, min(step, -(-nq // threads)))
+    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
+
+    def run(bound):
+        a, b = bound
+        block = reader(slice(a, b) if q_index is None else q_index[a:b])
+        for engine in engines:
+            engine.process(block, a)
 
     if threads > 1 and len(bounds) > 1:
         with ThreadPoolExecutor(min(threads, len(bounds))) as pool:
@@ -634,7 +657,6 @@ def _evaluate_batch(reader: _RowReader, q_index: Optional[np.ndarray], qp, qc, b
     else:
         for bd in bounds:
             run(bd)
-    return first, ap, inp, valid
 
 
 # ------------------------------------------------------------------------------------------------
@@ -885,42 +907,34 @@ class _NotPoolable(Exception):
     pass
 
 
-def _evaluate_pool(reader: _RowReader, q_index, qp, qc, pool: _Pool, threads: int,
-                   chunk_size: Optional[int]):
-    """Per-query (first, ap, inp, valid), each (nq, T), of every trial of ``pool``.
+class _PoolEngine:
+    """The pooled engine on blocks of query rows; per-query outputs (nq, T).
 
-    Peak extra memory per worker: ``rows * pool.row_bytes()`` (~ 8 * (1 + W) bytes per pool
-    column per query plus the identity window), rows = ``_POOL_BYTES // pool.row_bytes()``
-    (at least 4, at most ``chunk_size``).
+    Peak extra memory: ``step * pool.row_bytes()`` (~ 8 * (2 + W) bytes per pool column per
+    query plus the identity window), step = ``_POOL_BYTES // pool.row_bytes()`` (at least 4, at
+    most ``chunk_size``).
     """
-    nq, T = len(qp), pool.T
-    step = max(4, _POOL_BYTES // pool.row_bytes())
-    if chunk_size is not None:
-        step = min(step, int(chunk_size))
-    step = max(1, min(step, -(-nq // threads)))
-    bounds = [(a, min(a + step, nq)) for a in range(0, nq, step)]
-    first = np.zeros((nq, T), np.int64)
-    ap, inp = np.zeros((nq, T)), np.zeros((nq, T))
-    valid = np.zeros((nq, T), bool)
 
-    def run(bound):
-        a, b = bound
-        rows = slice(a, b) if q_index is None else q_index[a:b]
-        try:
-            f, p, i, v = pool.chunk(reader(rows), qp[a:b], qc[a:b])
-        except _NaNRow as bad:
-            raise ValueError(f'distmat contains NaN in the distances of query {a + bad.row}; '
-                             f'distances must be real numbers') from None
-        first[a:b], ap[a:b], inp[a:b], valid[a:b] = f.T, p.T, i.T, v.T
+    def __init__(self, pool: _Pool, qp, qc, chunk_size: Optional[int]):
+        nq, T = len(qp), pool.T
+        self.pool, self.qp, self.qc = pool, qp, qc
+        self.step = max(4, _POOL_BYTES // pool.row_bytes())
+        if chunk_size is not None:
+            self.step = min(self.step, chunk_size)
+        self.first = np.zeros((nq, T), np.int64)
+        self.ap, self.inp = np.zeros((nq, T)), np.zeros((nq, T))
+        self.valid = np.zeros((nq, T), bool)
 
-    if threads > 1 and len(bounds) > 1:
-        with ThreadPoolExecutor(min(threads, len(bounds))) as ex:
-            for _ in ex.map(run, bounds):
-                pass
-    else:
-        for bd in bounds:
-            run(bd)
-    return first, ap, inp, valid
+    def process(self, block: np.ndarray, a: int) -> None:
+        for lo in range(0, len(block), self.step):
+            rows = block[lo:lo + self.step]
+            c, d = a + lo, a + lo + len(rows)
+            try:
+                f, p, i, v = self.pool.chunk(rows, self.qp[c:d], self.qc[c:d])
+            except _NaNRow as bad:
+                raise ValueError(f'distmat contains NaN in the distances of query '
+                                 f'{c + bad.row}; distances must be real numbers') from None
+            self.first[c:d], self.ap[c:d], self.inp[c:d], self.valid[c:d] = f.T, p.T, i.T, v.T
 
 
 _STRATEGY = 'auto'             # engines for trial groups; tests set 'pool' or 'batch'
@@ -928,17 +942,20 @@ _STRATEGY = 'auto'             # engines for trial groups; tests set 'pool' or '
 
 def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, threads: int,
                     chunk_size: Optional[int], wheres: Sequence[str], stacklevel: int = 2,
-                    strategy: Optional[str] = None):
+                    strategy: Optional[str] = None, labels: Optional[Sequence[str]] = None):
     """One CrossModalResult per trial, every trial against the same queries.
 
     trials: per trial ``(g_index, g_pids, g_cams, removal, cmc_mode)``. Dense trials sharing a
     pool (e.g. SYSU's multi-shot galleries: 44 % and 17 % of the 6,775 columns) run on the pooled
     engine when that is cheaper; the others run as batches of trials with the same rules.
     ``strategy``: 'auto' | 'pool' (every trial that can be pooled) | 'batch' (for tests).
+    Each block of query rows is read once and evaluated by every engine. ``wheres``: per trial
+    a prefix for error messages ('' = none); ``labels``: per trial the rule's name in them.
     """
     strategy = _STRATEGY if strategy is None else strategy
     T = len(trials)
-    galleries = [(g, gp, gc) for g, gp, gc, _, _ in trials]
+    galleries = [(np.arange(reader.shape[1]) if g is None else g, gp, gc)
+                 for g, gp, gc, _, _ in trials]
     pooled: List[int] = []
     if strategy != 'batch' and reader.dtype == np.float32:
         ok = [t for t, (g, _, _) in enumerate(galleries) if len(g) and np.all(np.diff(g) > 0)]
@@ -962,33 +979,14 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
                          for g, gp, _ in pool.galleries) if pool is not None else 0
         if pool is not None and strategy == 'auto' and pool.n * (6 + 2.7 * pool.W) > batch_cost:
             pool = None
-    out: List[Optional[CrossModalResult]] = [None] * T
-    if pool is not None:
-        n_ids = [len(np.unique(galleries[t][1])) for t in pooled]
-        for n in sorted(set(n_ids)):
-            if max_rank > n:
-                warnings.warn(f'max_rank={max_rank} exceeds the {n} distinct gallery ids: '
-                              f'the CMC tail saturates (carried forward)', stacklevel=stacklevel)
-        try:
-            first, ap, inp, valid = _evaluate_pool(reader, q_index, qp, qc, pool, threads,
-                                                   chunk_size)
-        except ValueError as exc:
-            raise ValueError(f'{wheres[pooled[0]]}: {exc}') from exc
-        for j, t in enumerate(pooled):
-            g, _, _, removal, cmc_mode = trials[t]
-            try:
-                out[t] = _summarise(first[:, j], ap[:, j], inp[:, j], valid[:, j], max_rank,
-                                    len(qp), len(g), n_ids[j], removal, cmc_mode,
-                                    f'(removal={removal!r}, cmc_mode={cmc_mode!r})')
-            except ValueError as exc:
-                raise ValueError(f'{wheres[t]}: {exc}') from exc
+    # the others: batches of trials with the same rules and similar gallery sizes (padding a
+    # 112-column gallery to 301 columns costs 2.7x)
     groups: Dict[Tuple[str, str], list] = {}
     for t, tr in enumerate(trials):
-        if out[t] is None:
+        if pool is None or t not in pooled:
             groups.setdefault((tr[3], tr[4]), []).append(t)
     batches = []
     for (removal, cmc_mode), ts in groups.items():
-        # similar gallery sizes per batch: padding a 112-column gallery to 301 costs 2.7x
         ts = sorted(ts, key=lambda t: -len(galleries[t][0]))
         cut = [0]
         for i in range(1, len(ts)):
@@ -996,13 +994,38 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
                 cut.append(i)
         cut.append(len(ts))
         batches += [(removal, cmc_mode, sorted(ts[a:b])) for a, b in zip(cut[:-1], cut[1:])]
+
+    engines, members = [], []
+    if pool is not None:
+        engines.append(_PoolEngine(pool, qp, qc, chunk_size))
+        members.append(pooled)
     for removal, cmc_mode, ts in batches:
-        res = _evaluate_many(reader, q_index, qp, qc, [galleries[t] for t in ts], removal,
-                             cmc_mode, max_rank, f'(removal={removal!r}, cmc_mode={cmc_mode!r})',
-                             threads, chunk_size, stacklevel=stacklevel + 1,
-                             wheres=[wheres[t] for t in ts])
-        for t, r in zip(ts, res):
-            out[t] = r
+        engines.append(_BatchEngine(_Batch([galleries[t] for t in ts], removal), cmc_mode, qp,
+                                    qc, chunk_size))
+        members.append(ts)
+    n_ids = [len(np.unique(gp)) for _, gp, _ in galleries]
+    for n in sorted(set(n_ids)):
+        if max_rank > n:
+            warnings.warn(f'max_rank={max_rank} exceeds the {n} distinct gallery ids: the CMC '
+                          f'tail saturates (carried forward)', stacklevel=stacklevel)
+    if len(qp) * sum(len(g) for g, _, _ in galleries) < 1_000_000:
+        threads = 1                                            # not worth a thread pool
+    try:
+        _drive(reader, q_index, len(qp), engines, threads, chunk_size)
+    except ValueError as exc:
+        raise ValueError(f'{wheres[0]}: {exc}' if wheres[0] else str(exc)) from exc
+    out: List[Optional[CrossModalResult]] = [None] * T
+    for engine, ts in zip(engines, members):
+        for j, t in enumerate(ts):
+            g, (_, _, _, removal, cmc_mode) = galleries[t][0], trials[t]
+            label = f'(removal={removal!r}, cmc_mode={cmc_mode!r})' if labels is None else \
+                labels[t]
+            try:
+                out[t] = _summarise(engine.first[:, j], engine.ap[:, j], engine.inp[:, j],
+                                    engine.valid[:, j], max_rank, len(qp), len(g), n_ids[t],
+                                    removal, cmc_mode, label)
+            except ValueError as exc:
+                raise ValueError(f'{wheres[t]}: {exc}' if wheres[t] else str(exc)) from exc
     return out
 
 
@@ -1027,10 +1050,11 @@ def _per_query(distmat, q_pids, g_pids, q_camids, g_camids, removal: str, cmc_mo
         g = np.arange(dist.shape[1]) if g_index is None else g_index
         pool = _Pool([(g, gallery[1], gallery[2])], [removal], [cmc_mode], max_rank,
                      dist.shape[1])
-        out = _evaluate_pool(_RowReader(dist), q_index, qp, qc, pool, 1, chunk_size)
+        eng = _PoolEngine(pool, qp, qc, chunk_size)
     else:
-        out = _evaluate_batch(_RowReader(dist), q_index, qp, qc, _Batch([gallery], removal),
-                              cmc_mode, 1, chunk_size)
+        eng = _BatchEngine(_Batch([gallery], removal), cmc_mode, qp, qc, chunk_size)
+    _drive(_RowReader(dist), q_index, len(qp), [eng], 1, chunk_size)
+    out = (eng.first, eng.ap, eng.inp, eng.valid)
     return tuple(x[:, 0] for x in out)
 
 
@@ -1269,40 +1293,6 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
     if backend == 'torch':
         return _torch_result(dist, q_index, g_index, qp, qc, gp, gc, removal, cmc_mode,
                              max_rank, label, chunk_size)
-    return _evaluate_many(_RowReader(dist), q_index, qp, qc, [(g_index, gp, gc)], removal,
-                          cmc_mode, max_rank, label, threads, chunk_size, stacklevel=3)[0]
-
-
-def _evaluate_many(reader: _RowReader, q_index, qp, qc, galleries, removal: str, cmc_mode: str,
-                   max_rank: int, label: str, threads: int, chunk_size: Optional[int],
-                   stacklevel: int = 2, wheres: Optional[Sequence[str]] = None):
-    """One :class:`CrossModalResult` per gallery ``(g_index, g_pids, g_cams)``, all against the
-    same queries (``q_index`` rows of ``reader``'s matrix, pids ``qp``, cameras ``qc``).
-
-    ``wheres``: one prefix per gallery for error messages (e.g. "setting 'x' trial 3"); errors
-    then read "<where>: <message>".
-    """
-    batch = _Batch(galleries, removal)
-    for n_ids in sorted(set(batch.n_ids)):
-        if max_rank > n_ids:
-            warnings.warn(f'max_rank={max_rank} exceeds the {n_ids} distinct gallery ids: '
-                          f'the CMC tail saturates (carried forward)', stacklevel=stacklevel)
-    if len(qp) * sum(batch.m) < 1_000_000:
-        threads = 1                             # not worth a thread pool
-    try:
-        first, ap, inp, valid = _evaluate_batch(reader, q_index, qp, qc, batch, cmc_mode,
-                                                threads, chunk_size)
-    except ValueError as exc:
-        if wheres is None:
-            raise
-        raise ValueError(f'{wheres[0]}: {exc}') from exc
-    out = []
-    for t in range(batch.T):
-        try:
-            out.append(_summarise(first[:, t], ap[:, t], inp[:, t], valid[:, t], max_rank,
-                                  len(qp), batch.m[t], batch.n_ids[t], removal, cmc_mode, label))
-        except ValueError as exc:
-            if wheres is None:
-                raise
-            raise ValueError(f'{wheres[t]}: {exc}') from exc
-    return out
+    return _evaluate_group(_RowReader(dist), q_index, qp, qc,
+                           [(g_index, gp, gc, removal, cmc_mode)], max_rank, threads, chunk_size,
+                           [''], stacklevel=3, labels=[label])[0]
