@@ -393,10 +393,11 @@ class _NaNRow(Exception):
         self.row = row
 
 
-def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """Row-wise ``searchsorted(side='left')``: (n, m) ascending rows, (n, k) values -> (n, k)."""
+def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray,
+                       side: str = 'left') -> np.ndarray:
+    """Row-wise ``searchsorted``: (n, m) ascending rows, (n, k) values -> (n, k) positions."""
     return torch.searchsorted(torch.from_numpy(np.ascontiguousarray(sorted_rows)),
-                              torch.from_numpy(np.ascontiguousarray(values))).numpy()
+                              torch.from_numpy(np.ascontiguousarray(values)), side=side).numpy()
 
 
 def _ap_inp(ranks: np.ndarray, npos: np.ndarray):
@@ -833,32 +834,44 @@ class _Pool:
             cnt -= (np.cumsum(gone, axis=2, dtype=np.int32) - gone)   # removed: not counted
         npos = is_pos.sum(2)
         valid = npos > 0
-        ranks = cnt.ravel()[np.flatnonzero(is_pos)] + 1            # (t, query) after (t, query)
+        flat = np.flatnonzero(is_pos)                              # (t, query) after (t, query)
+        ranks = cnt.ravel()[flat] + 1
         ap, inp, first = (x.reshape(T, k) for x in _ap_inp(ranks, npos.ravel()))
         if self.ident.any():
-            first_id, unresolved = self._identity(keys, s, is_pos, qv, valid)
+            # sorted position of each (trial, query)'s first true match (n + 2: none)
+            first_pos = np.full(T * k, n + 2, np.int64)
+            some = np.flatnonzero(valid.ravel())
+            heads = flat[(np.cumsum(npos.ravel()) - npos.ravel())[some]]
+            first_pos[some] = s.ravel()[heads % (k * wo)]            # flat (t, query, slot)
+            first_id, unresolved = self._identity(keys, first_pos.reshape(T, k), qv, valid)
             first = np.where(self.ident[:, None], first_id, first)
             if unresolved.any():                                   # rare
                 t, r = np.nonzero(unresolved)
                 first[t, r] = self._recompute_first(block, r, t, qp, qc)
         return first, ap, inp, valid
 
-    def _identity(self, table_idx, s, is_pos, qv, valid):
+    def _identity(self, table_idx, first_pos, qv, valid):
         """Identity ranks from the first L sorted positions; (first (T, k), unresolved (T, k)).
 
-        Per query, the window's items are grouped by pid (a small sort) and an OR-scan within
-        each pid's run keeps, per trial bit, only the person's first kept item before the true
-        match: counting those bits counts the distinct persons before it.
+        first_pos: (T, k) sorted position of each trial's first true match. Per query, a window
+        item counts for the trials whose first match comes later: those bits are the complement
+        of a cumulative OR of the trials taken by increasing first-match position. The window's
+        items are then grouped by pid (a small sort) and an OR-scan within each pid's run keeps,
+        per trial bit, only the person's first kept item: counting those bits counts the
+        distinct persons before the true match.
         """
         T, L, k = self.T, self.L, len(qv)
-        first_pos = np.where(is_pos, s[None], self.n + 2).min(2)   # (T, k) sorted position
         window = table_idx[:, 1:L + 1]
         pid = self.pv_ext[window]
         bits = self.bits[window] & self.ident_bits
         bits[pid == qv[:, None]] = 0                               # the own person is not "other"
         tbit = np.arange(T, dtype=np.uint64)[:, None, None]
-        earlier = np.arange(1, L + 1)[None, None, :] < first_pos[:, :, None]     # (T, k, L)
-        bits &= np.bitwise_or.reduce(earlier.astype(np.uint64) << tbit, axis=0)
+        by_pos = np.argsort(first_pos.T, axis=1, kind='stable')    # (k, T) trials by first match
+        done = np.zeros((k, T + 1), np.uint64)                     # trials matched at or before
+        done[:, 1:] = np.bitwise_or.accumulate(np.uint64(1) << by_pos.astype(np.uint64), axis=1)
+        ends = np.take_along_axis(first_pos.T, by_pos, axis=1)     # ascending per query
+        passed = _searchsorted_rows(ends, np.broadcast_to(np.arange(1, L + 1), (k, L)), 'right')
+        bits &= ~np.take_along_axis(done, passed, axis=1)
         order = np.argsort(pid * L + np.arange(L)[None, :], axis=1)   # by pid, then position
         pid = np.take_along_axis(pid, order, axis=1)
         bits = np.take_along_axis(bits, order, axis=1)
