@@ -31,16 +31,31 @@ protocol       removal           CMC         equals
 =============  ================  ==========  =========================================
 
 How it is fast (the references loop over queries in Python; torchreid's pure-Python path needs
-~20 s for one SYSU multi-shot trial): for each chunk of queries the gallery columns are gathered
-once, grouped by pid (location-removed items are overwritten with +inf; same-pid-cam removals,
-all inside the query's own pid group, are counted out afterwards), and every row is sorted once
-(numpy's SIMD sort of *values*, no argsort). The kept rank of each true match is then a batched
-binary search into its sorted row, and the identity CMC compares the true person's best distance
-with every other person's best distance (``np.minimum.reduceat`` over the pid groups). Rows where
-a true match or the true person's best distance ties *exactly* with another value (only there
-does the stable order decide) are redone on their stable ranks (one argsort of those rows), so the
-result is always the stable-order definition. Chunks run on a small thread pool (numpy releases
-the GIL); the result does not depend on the chunking.
+~20 s for one SYSU multi-shot trial). Every trial that shares a query set (a whole SYSU report:
+40 trials) is evaluated in one pass over the query rows of the distance matrix, block by block
+(``_drive``); each block goes to two kinds of engines:
+
+* **trial batches** (``_BatchEngine``; sparse galleries such as single-shot ones, LLCM): the
+  galleries of all trials of a rule are gathered side by side and every row is sorted once
+  (numpy's SIMD sort of *values*, no argsort); the kept rank of each true match is a batched
+  binary search into its sorted row. Removed items are overwritten with +inf (under the location
+  rule the cam-2 columns are ordered last, so a cam-3 query overwrites one slice). The identity
+  CMC counts the distinct persons among the few items below the best true match
+  (``np.flatnonzero`` of one comparison). Rows where a true match ties *exactly* with another
+  value (only there does the stable order decide) are redone on stable integer keys.
+* **the pooled engine** (``_Pool``; dense galleries that are ascending subsets of one pool of
+  columns, e.g. SYSU's multi-shot ones): each query's pool row is sorted once, exactly, on int64
+  keys (float bits | column: no ties left), and each trial's kept ranks are prefix sums of the
+  trial's membership along that order, all trials at once in packed bit fields
+  (``np.add.reduceat`` between the query's own-pid positions). Identity ranks are read off a
+  window of the sorted row (exact, or capped past ``max_rank``); the rare rest is recomputed.
+
+Both engines give the same numbers to the bit (one shared AP/INP reduction); a dispatch cost
+model calibrated on ``benchmarks/bench_eval.py`` picks one per trial. Blocks run on a small
+thread pool (numpy releases the GIL); results do not depend on the blocking.
+
+On a GPU (``backend='torch'``, the default for a CUDA tensor) the same definitions run in torch
+on the device: one stable sort per row, cumulative sums, ``scatter_reduce('amin')``.
 """
 from __future__ import annotations
 
@@ -224,18 +239,6 @@ def _as_distance_matrix(distmat) -> np.ndarray:
     return dist
 
 
-def _rows_contiguous(dist: np.ndarray) -> np.ndarray:
-    """``dist`` itself if each row is contiguous in memory (every gather here reads rows), else
-    a row-major copy. A transposed (column-major) matrix is copied with torch's tiled transpose:
-    numpy's element-by-element copy of a large transposed view can take minutes (one TLB miss
-    per element)."""
-    if dist.shape[1] <= 1 or dist.strides[1] == dist.itemsize:
-        return dist
-    if dist.flags.f_contiguous and dist.flags.writeable:
-        return torch.from_numpy(dist.T).t().contiguous().numpy()
-    return np.ascontiguousarray(dist)
-
-
 def _as_vector(x, name: str, length: int, what: str) -> np.ndarray:
     arr = _to_numpy(x, name)
     if arr.ndim != 1 or arr.shape[0] != length:
@@ -397,7 +400,8 @@ def _searchsorted_rows(sorted_rows: np.ndarray, values: np.ndarray,
                        side: str = 'left') -> np.ndarray:
     """Row-wise ``searchsorted``: (n, m) ascending rows, (n, k) values -> (n, k) positions."""
     return torch.searchsorted(torch.from_numpy(np.ascontiguousarray(sorted_rows)),
-                              torch.from_numpy(np.ascontiguousarray(values)), side=side).numpy()
+                              torch.from_numpy(np.ascontiguousarray(values)),
+                              right=side == 'right').numpy()
 
 
 def _ap_inp(ranks: np.ndarray, npos: np.ndarray):
@@ -429,7 +433,7 @@ def _groups_below(mask: np.ndarray, group: np.ndarray, t_of: np.ndarray, V: int)
     """(R,) number of distinct pids among each row's True items (mask (R, M): the items
     strictly below the row's best true match).
 
-    Only the items below a query's best true match are visited (``np.nonzero`` of the mask):
+    Only the items below a query's best true match are visited (``np.flatnonzero``):
     with a useful model they are few, so this is ~one comparison pass instead of a per-pid
     reduction over the whole row (``np.minimum.reduceat`` costs ~1.4 ns per item).
     """
@@ -1257,9 +1261,13 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
         max_rank: CMC length (always exactly this long; ranks past a query's list carry forward).
         removal: 'location' | 'same_pid_cam' | 'none'; overrides the preset.
         cmc_mode: 'identity' | 'image'; overrides the preset.
-        chunk_size: at most this many queries per block (default: as many as keep ~2 MB of
-            gathered distances per block). Peak extra memory per thread ~ 20 bytes x rows x
-            num_gallery, plus rows x distmat columns for a column-major ``distmat``.
+        chunk_size: at most this many queries per block (default: sized to the caches).
+            Memory: queries are processed in blocks, so the extra memory is bounded whatever
+            the matrix size: per worker thread, one block of matrix rows (~4 MB, a view when
+            the rows are contiguous) plus scratch of ~10 bytes per gathered distance for
+            max(2**19, 8 x num_gallery) distances (~5 MB unless a gallery exceeds 65k items);
+            the pooled engine (evaluate_settings) ~8 MB per worker. The torch backend uses ~48 bytes per distance of a chunk of rows, at most
+            256 MB of device memory per chunk (``chunk_size`` rows when given).
         query_index, gallery_index: optional 1-D index arrays: evaluate
             ``distmat[np.ix_(query_index, gallery_index)]`` without materialising it (a trial of
             a pooled distance matrix); the pids/cams then describe the selected rows/columns.
