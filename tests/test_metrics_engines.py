@@ -141,3 +141,33 @@ def test_column_major_reads_across_tiles():
     a = evaluate_cross_modal(dist, qp, gp, qc, gc, 'sysu', query_index=q_idx)
     b = evaluate_cross_modal(np.ascontiguousarray(dist[q_idx]), qp, gp, qc, gc, 'sysu')
     assert_identical(a, b)
+
+
+def test_pooled_engine_with_many_trials_cuts_segments(monkeypatch):
+    """40 trials (as a SYSU report) pack 10 per word in 6-bit fields, so the sorted rows are cut
+    every 63 positions; galleries of the whole pool fill whole segments. Pooled = batches to the
+    bit, and = the reference on a sample of trials."""
+    rng = np.random.default_rng(40)
+    dist, ir_p, ir_c, vis_p, vis_c, _ = pooled_case(rng, n_ir=40, n_vis=300)
+    ir, vis = records(ir_p, ir_c, 'ir'), records(vis_p, vis_c, 'vis')
+    galleries = [np.arange(300) if t % 5 == 0 else
+                 np.sort(rng.choice(300, int(rng.integers(100, 300)), replace=False))
+                 for t in range(20)]
+    trials = tuple((np.arange(40), g) for g in galleries)
+    settings = [EvalSetting('loc', 'ir2vis', trials, 'location', 'identity', 'x'),
+                EvalSetting('spc', 'ir2vis', trials, 'same_pid_cam', 'image', 'x')]
+    pool = rank._Pool([(g, vis_p[g], vis_c[g]) for g in galleries * 2],
+                      ['location'] * 20 + ['same_pid_cam'] * 20, ['identity'] * 40, 5, 300)
+    assert pool.W == 4 and pool.grid == 63                       # the case this test is about
+    pooled = run_strategy(monkeypatch, 'pool', dist, ir, vis, settings, max_rank=5)
+    batch = run_strategy(monkeypatch, 'batch', dist, ir, vis, settings, max_rank=5)
+    for s in settings:
+        for t, (a, b) in enumerate(zip(pooled[s.key].per_trial, batch[s.key].per_trial)):
+            assert_identical(a, b)
+            if t % 4 == 0:
+                g = galleries[t]
+                cmc, m_ap, m_inp, n_valid = reference_evaluate(
+                    dist[:, g], ir_p, vis_p[g], ir_c, vis_c[g], s.removal, s.cmc_mode,
+                    max_rank=5)
+                np.testing.assert_allclose(a.cmc, cmc, atol=1e-12, rtol=0)
+                assert abs(a.mAP - m_ap) <= 1e-12 and a.num_valid == n_valid

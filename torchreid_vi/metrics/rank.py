@@ -753,22 +753,35 @@ class _Pool:
         # (the flag fills the lowest byte, so that byte read as bool finds the own items)
         self.low = [((1 + kind * n + np.arange(n)) << 8).astype(np.int32) for kind in
                     range(kinds)]
-        # first-fit bit fields: field t counts up to m_t
-        width = [int(m).bit_length() for m in self.m]
-        self.word, self.shift, used = np.zeros(T, np.int64), np.zeros(T, np.uint64), []
-        for t in np.argsort(width, kind='stable')[::-1]:
-            w = next((i for i, u in enumerate(used) if u + width[t] <= 64), len(used))
-            if w == len(used):
-                used.append(0)
-            self.word[t], self.shift[t] = w, used[w]
-            used[w] += width[t]
-        self.mask = np.array([(1 << b) - 1 for b in width], np.uint64)
-        self.W = len(used)
+        # bit fields: as few words as fields of >= 6 bits allow (10 trials per word); a field
+        # of b bits counts up to 2**b - 1 items, so segments are cut every `grid` positions
+        # After the segment sums, each word is spread into `spread` words whose fields are
+        # `spread * bits` apart (every spread-th field), wide enough for whole-row counts, so
+        # the running sums over segments stay packed.
+        self.W = -(-T // 10)
+        per_word = -(-T // self.W)
+        need = max(int(m).bit_length() for m in self.m)
+        bits = min(64 // per_word, need)
+        self.grid = (1 << bits) - 1
+        spread = -(-need // bits)
+        while (-(-per_word // spread) - 1) * spread * bits + need > 64:   # room at the top
+            spread += 1
+        self.bits, self.spread = bits, spread
+        field = np.arange(T) % per_word
+        self.word = np.arange(T, dtype=np.int64) // per_word        # packed word of trial t
+        self.shift = (field * bits).astype(np.uint64)
+        stride = self.spread * bits
+        self.spread_mask = np.uint64(sum(((1 << bits) - 1) << (i * stride)
+                                         for i in range(-(-per_word // self.spread))
+                                         if i * stride < 64))
+        self.out_word = self.word * self.spread + field % self.spread
+        self.out_shift = ((field // self.spread) * stride).astype(np.uint64)
+        self.out_mask = np.uint64((1 << need) - 1)
         self.P = np.zeros((self.W, len(member)), np.uint64)
         bit = np.uint64(1) << np.arange(T, dtype=np.uint64)
         for t in range(T):
             self.P[self.word[t]] |= member[:, t].astype(np.uint64) << self.shift[t]
-        self.bits = (member.astype(np.uint64) * bit).sum(1, dtype=np.uint64)   # T <= 64
+        self.member_bits = (member.astype(np.uint64) * bit).sum(1, dtype=np.uint64)  # T <= 64
         self.pv_ext = np.r_[V, np.tile(pv, kinds)]
         self.cam_ext = np.r_[np.iinfo(np.int64).min, np.tile(cams, kinds)]
         self.spc = np.array([r == 'same_pid_cam' for r in removals])
@@ -778,7 +791,8 @@ class _Pool:
         self._batches = {}
 
     def row_bytes(self) -> int:
-        return (self.n + 1) * 8 * (2 + self.W) + 64 * self.L
+        return (self.n + 1) * 8 * (2 + self.W) + 64 * self.L + 16 * self.T * (
+            self.n // self.grid + 128)
 
     def chunk(self, block: np.ndarray, qp: np.ndarray, qc: np.ndarray):
         """(first, ap, inp, valid), each (T, k), for the k queries whose distance rows over the
@@ -819,19 +833,9 @@ class _Pool:
         np.bitwise_and(keys, 0xFFFFFFFF, out=keys)
         np.right_shift(keys, 8, out=keys)                          # -> table index, sorted
         tab = np.where(in_own, np.take_along_axis(keys, np.minimum(s, n), axis=1), 0)
-        # kept items of every trial before each own item: packed words summed per segment
-        G = np.take(self.P, keys, axis=1, mode='clip').reshape(W, -1)
-        use = np.concatenate([np.ones((k, 1), bool), in_own], axis=1)
-        starts = np.concatenate([np.zeros((k, 1), np.int64), s], axis=1) + (
-            np.arange(k, dtype=np.int64)[:, None] * (n + 1))
-        seg = np.zeros((W, k, wo + 1), np.uint64)
-        seg[:, use] = np.add.reduceat(G, starts[use], axis=1)
-        del G
-        before = np.cumsum(seg[:, :, :wo], axis=2)                 # exclusive prefix per own item
-        cnt = ((before[self.word] >> self.shift[:, None, None]) & self.mask[:, None, None])
-        cnt = cnt.astype(np.int32)                                 # (T, k, wo)
+        cnt = self._kept_before(keys, s, in_own)                   # (T, k, wo)
         tbit = np.arange(T, dtype=np.uint64)[:, None, None]
-        member = ((self.bits[tab][None] >> tbit) & np.uint64(1)).astype(bool) & in_own[None]
+        member = ((self.member_bits[tab][None] >> tbit) & np.uint64(1)).astype(bool) & in_own[None]
         is_pos = member
         if self.spc.any():
             gone = member & ((self.cam_ext[tab] == qc[:, None]) & in_own)[None] & (
@@ -856,6 +860,53 @@ class _Pool:
                 first[t, r] = self._recompute_first(block, r, t, qp, qc)
         return first, ap, inp, valid
 
+    def _kept_before(self, table_idx, s, in_own):
+        """(T, k, wo) int32: each trial's kept items before each own item of each query.
+
+        The packed membership words are gathered in sorted order and summed per segment
+        (``np.add.reduceat``); segments start at position 0, at every own item and every
+        ``grid`` positions (so a field never overflows), merged per row: own item j sits at
+        merged index 1 + j + #grid points before it (an own item on a grid point comes first;
+        that grid point is then dropped). The unpacked segment sums, cumulated, give the
+        exclusive prefix before each own item.
+        """
+        T, n, W, B = self.T, self.n, self.W, self.grid
+        k, wo = s.shape
+        G = np.take(self.P, table_idx, axis=1, mode='clip').reshape(W, -1)
+        grid = np.arange(B, n + 1, B, dtype=np.int64)              # padded positions
+        ng = len(grid)
+        C = 1 + wo + ng
+        at_own = 1 + np.arange(wo)[None, :] + (s - 1) // B         # merged index of own items
+        starts = np.zeros((k, C), np.int64)
+        use = np.zeros((k, C), bool)
+        use[:, 0] = True
+        np.put_along_axis(starts, at_own, s, axis=1)
+        np.put_along_axis(use, at_own, in_own, axis=1)
+        if ng:
+            # own items at or before / strictly before grid point i (= i * B): per-row
+            # cumulative counts of (s - 1) // B and s // B (pads fall past the last point)
+            rows = np.arange(k)[:, None] * (ng + 1)
+            le = np.cumsum(np.bincount((rows + np.minimum((s - 1) // B, ng))[in_own],
+                                       minlength=k * (ng + 1)).reshape(k, ng + 1), axis=1)
+            lt = np.cumsum(np.bincount((rows + np.minimum(s // B, ng))[in_own],
+                                       minlength=k * (ng + 1)).reshape(k, ng + 1), axis=1)
+            le, lt = le[:, :ng], lt[:, :ng]
+            at_grid = 1 + np.arange(ng)[None, :] + le
+            np.put_along_axis(starts, at_grid, np.broadcast_to(grid, (k, ng)), axis=1)
+            np.put_along_axis(use, at_grid, le == lt, axis=1)      # not on an own item
+        starts += np.arange(k, dtype=np.int64)[:, None] * (n + 1)
+        seg = np.zeros((W, k, C), np.uint64)
+        seg[:, use] = np.add.reduceat(G, starts[use], axis=1)
+        del G
+        R = self.spread
+        wide = np.empty((W * R, k, C), np.uint64)
+        for i in range(R):                                         # spread-th fields, apart
+            np.bitwise_and(seg >> np.uint64(i * self.bits), self.spread_mask, out=wide[i::R])
+        np.cumsum(wide, axis=2, out=wide)                          # through each segment
+        before = np.take_along_axis(wide, np.broadcast_to(at_own - 1, (W * R, k, wo)), axis=2)
+        cnt = (before[self.out_word] >> self.out_shift[:, None, None]) & self.out_mask
+        return np.where(in_own[None], cnt.astype(np.int32), 0)
+
     def _identity(self, table_idx, first_pos, qv, valid):
         """Identity ranks from the first L sorted positions; (first (T, k), unresolved (T, k)).
 
@@ -869,7 +920,7 @@ class _Pool:
         T, L, k = self.T, self.L, len(qv)
         window = table_idx[:, 1:L + 1]
         pid = self.pv_ext[window]
-        bits = self.bits[window] & self.ident_bits
+        bits = self.member_bits[window] & self.ident_bits
         bits[pid == qv[:, None]] = 0                               # the own person is not "other"
         tbit = np.arange(T, dtype=np.uint64)[:, None, None]
         by_pos = np.argsort(first_pos.T, axis=1, kind='stable')    # (k, T) trials by first match
