@@ -692,11 +692,12 @@ class _Pool:
     lower column, i.e. the lower gallery position (galleries are ascending). A trial's kept rank
     of a true match is then 1 + the number of the trial's kept items before it in that order, a
     prefix sum of the trial's membership over the sorted row. Every trial is counted at once:
-    each pool column owns a few packed uint64 words (trial t: a bit field wide enough for its
-    gallery size), gathered in sorted order and summed between consecutive own-pid positions
-    (``np.add.reduceat``); the sums never carry across fields. The query's own-pid items carry a
-    flag in the lowest key bit (below the column, so it never decides an order), which finds
-    them in the sorted row without a search.
+    each pool column owns a few packed uint64 words (one bit field per trial, 10 per word for
+    SYSU's 20 pooled trials), gathered in sorted order and summed per segment
+    (``np.add.reduceat``; segments are cut at the own-pid items and every ``grid`` positions, so
+    a field never overflows: ``_kept_before``). The query's own-pid items carry a flag in the
+    lowest key byte (below the column, so it never decides an order), which finds them in the
+    sorted row without a search.
 
     The identity CMC needs the number of distinct other persons before the first true match:
     it is read off the first ``L`` sorted positions (exact when the match lies there; capped at
