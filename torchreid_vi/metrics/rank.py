@@ -1054,12 +1054,14 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
                          [trials[t][4] for t in pooled], max_rank, reader.shape[1])
         except _NotPoolable:
             pool = None
-        # measured per-query CPU costs (ns, benchmarks/bench_eval.py data): the pool ~6 per
-        # pool column + ~2.7 per packed word and column; batches ~3.5 per gallery item plus
-        # ~0.1 per item and true match (the look-ups in the sorted row)
+        # measured per-query CPU costs (ns, benchmarks/bench_eval.py data, SYSU and LLCM):
+        # the pool ~6.9 per pool column + 1.3 per packed word and column + 0.3 per trial and
+        # column (own-item and identity work); batches ~3.5 per gallery item plus ~0.1 per
+        # item and true match (the look-ups in the sorted row)
         batch_cost = sum(len(g) * (3.5 + 0.1 * len(g) / max(1, len(np.unique(gp))))
                          for g, gp, _ in pool.galleries) if pool is not None else 0
-        if pool is not None and strategy == 'auto' and pool.n * (6 + 2.7 * pool.W) > batch_cost:
+        if pool is not None and strategy == 'auto' and (
+                pool.n * (6.9 + 1.3 * pool.W + 0.3 * pool.T) > batch_cost):
             pool = None
     # the others: batches of trials with the same rules and similar gallery sizes (padding a
     # 112-column gallery to 301 columns costs 2.7x)
