@@ -667,7 +667,8 @@ def _drive(reader: _RowReader, q_index: Optional[np.ndarray], nq: int, engines, 
 # ------------------------------------------------------------------------------------------------
 # pooled engine: one exact sort of each query's pool row serves every trial
 
-_POOL_BYTES = 8 << 20          # working set of one pooled chunk (keys + gathered words)
+_POOL_BYTES = 16 << 20         # working set of one pooled step (keys + gathered words):
+#                                smaller steps pay more per-call overhead (4 MB: +15 %)
 _IDENTITY_WINDOW = 128         # sorted pool positions inspected for the identity CMC
 _DENSE = 8                     # pooled trials hold at least 1/_DENSE of the pool's columns
 
@@ -1343,7 +1344,7 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
             the matrix size: per worker thread, one block of matrix rows (~4 MB, a view when
             the rows are contiguous) plus scratch of ~10 bytes per gathered distance for
             max(2**19, 8 x num_gallery) distances (~5 MB unless a gallery exceeds 65k items);
-            the pooled engine (evaluate_settings) ~8 MB per worker. The torch backend uses ~48 bytes per distance of a chunk of rows, at most
+            the pooled engine (evaluate_settings) ~16 MB per worker. The torch backend uses ~48 bytes per distance of a chunk of rows, at most
             256 MB of device memory per chunk (``chunk_size`` rows when given).
         query_index, gallery_index: optional 1-D index arrays: evaluate
             ``distmat[np.ix_(query_index, gallery_index)]`` without materialising it (a trial of
