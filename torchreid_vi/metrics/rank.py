@@ -490,7 +490,7 @@ def _batch_metrics(sub, t_of, qv, qc, kind: _Kind, removal: str, identity: bool,
     is_pos = in_group
     if removal == 'location':
         in_room = qc == LOCATION_QUERY_CAM
-        if in_room.any():                                          # every cam-2 item of a cam-3 query
+        if in_room.any():                  # every cam-2 item of a cam-3 query is removed
             _fill_room(sub, in_room, t_of, kind.room, big)
             is_pos = in_group & ~(in_room[:, None] & (kind.cams[t_of[:, None], at] ==
                                                       LOCATION_GALLERY_CAM))
@@ -1344,8 +1344,9 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
             the matrix size: per worker thread, one block of matrix rows (~4 MB, a view when
             the rows are contiguous) plus scratch of ~10 bytes per gathered distance for
             max(2**19, 8 x num_gallery) distances (~5 MB unless a gallery exceeds 65k items);
-            the pooled engine (evaluate_settings) ~16 MB per worker. The torch backend uses ~48 bytes per distance of a chunk of rows, at most
-            256 MB of device memory per chunk (``chunk_size`` rows when given).
+            the pooled engine (evaluate_settings) ~16 MB per worker. The torch backend uses
+            ~48 bytes per distance of a chunk of rows, at most 256 MB of device memory per
+            chunk (``chunk_size`` rows when given).
         query_index, gallery_index: optional 1-D index arrays: evaluate
             ``distmat[np.ix_(query_index, gallery_index)]`` without materialising it (a trial of
             a pooled distance matrix); the pids/cams then describe the selected rows/columns.
