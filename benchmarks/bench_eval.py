@@ -12,7 +12,13 @@ What it measures, in one run:
     (by default trial 0 of each of the 4 settings, since torchreid needs ~20 s for one multi-shot
     trial; ``--torchreid-trials 10`` runs all 40). This comparison uses float64 distances so that
     torchreid's non-stable sort cannot order exact float32 ties differently;
-(c) the LLCM-sized report: 7,166 NIR x 8,680 VIS test images, both directions x 10 trials.
+(c) the LLCM-sized report: 7,166 NIR x 8,680 VIS test images, both directions x 10 trials;
+(d) torchreid's Cython evaluator on the same matrices as (b), when it is importable (PyPI
+    torchreid ships none; a line says so).
+
+Timings are wall-clock, best of ``--repeat`` runs of each step (the machine is shared; the
+ratios compare steps of the same run). ``evals_over_matmul`` = the evaluations' time / the
+distance matrix's time, for SYSU (40 evaluations) and LLCM (20).
 
 Data: SYSU-shaped records with the real per-(pid, cam) image counts of the 96 test ids, taken from
 the official ``rand_perm_cam.mat`` when it is found (``--perm``, default the shared copy); the
@@ -23,7 +29,11 @@ see :class:`FeatureModel` (rank-1 near 50 %, realistic distance spread).
 The last line printed is ``speedup_vs_torchreid=<x>`` = torchreid time / this project's time for
 the same evaluations on the same matrices (evaluation only, distances excluded on both sides).
 
-Usage: ``python benchmarks/bench_eval.py [--perm PATH] [--torchreid-trials N] [--skip-llcm]``
+``--device cuda`` computes features' distances and every metric on the GPU (the torch path of
+``evaluate_settings``; the matrix never leaves the device).
+
+Usage: ``python benchmarks/bench_eval.py [--perm PATH] [--torchreid-trials N] [--skip-llcm]
+[--repeat N] [--device cpu|cuda]``
 """
 from __future__ import annotations
 
@@ -128,13 +138,23 @@ def distance(q, g):
 CPU_SECONDS = {}
 
 
-def timed(fn, label=None):
-    """(result, wall seconds); the process CPU seconds go to CPU_SECONDS[label]."""
-    t0, c0 = time.perf_counter(), time.process_time()
-    out = fn()
+def timed(fn, label=None, repeat=1, device=None):
+    """(result, wall seconds: the best of ``repeat`` runs); the process CPU seconds of that run
+    go to CPU_SECONDS[label]. ``device``: a CUDA device to synchronise before reading clocks."""
+    best = None
+    for _ in range(repeat):
+        if device is not None and device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = fn()
+        if device is not None and device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        wall, used = time.perf_counter() - t0, time.process_time() - c0
+        if best is None or wall < best[1]:
+            best = (out, wall, used)
     if label:
-        CPU_SECONDS[label] = time.process_time() - c0
-    return out, time.perf_counter() - t0
+        CPU_SECONDS[label] = best[2]
+    return best[0], best[1]
 
 
 def cpu(label):
@@ -161,7 +181,12 @@ def main(argv=None):
                     help='trials per setting evaluated with torchreid (1..10)')
     ap.add_argument('--skip-llcm', action='store_true')
     ap.add_argument('--seed', type=int, default=0)
+    ap.add_argument('--repeat', type=int, default=3,
+                    help='time each distance / report step this many times, keep the best')
+    ap.add_argument('--device', default='cpu', help="'cpu' or a CUDA device ('cuda', 'cuda:1')")
     args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    rep = max(1, args.repeat)
     rng = np.random.default_rng(args.seed)
     torch.manual_seed(args.seed)
     print(f'torch threads: {torch.get_num_threads()}, numpy {np.__version__}, '
@@ -177,30 +202,43 @@ def main(argv=None):
           f'{len({r[1] for r in query_records})} ids; galleries: official_perm from {perm_note}')
     features = FeatureModel(rng)
     q_feat, g_feat = features(query_records, True), features(gallery_records, False)
+    on_device = device.type != 'cpu'
+    if on_device:
+        q_feat, g_feat = q_feat.to(device), g_feat.to(device)
+    # a CUDA matrix stays a tensor (evaluate_settings evaluates it there); CPU: numpy
+    as_input = (lambda t: t) if on_device else (lambda t: t.numpy())
 
     settings, t_settings = timed(lambda: sysu_settings(
         query_records, gallery_records, gallery_sampler='official_perm', perm_file=perm_file))
     n_eval = sum(s.num_trials for s in settings)
 
-    dist, t_dist = timed(lambda: distance(q_feat, g_feat).numpy(), 'sysu_dist')
+    dist, t_dist = timed(lambda: as_input(distance(q_feat, g_feat)), 'sysu_dist', rep, device)
     results, t_eval = timed(lambda: evaluate_settings(dist, query_records, gallery_records,
-                                                      settings), 'sysu_eval')
+                                                      settings), 'sysu_eval', rep, device)
     print(format_table(results, title='SYSU-sized report (synthetic features)'))
     print(f'sysu_settings (10 trials x 4 settings): {t_settings:.3f} s')
-    print(f'sysu_distance_once ({dist.shape[0]}x{dist.shape[1]} float32, 2048-d): {t_dist:.3f} s'
-          + cpu('sysu_dist'))
+    print(f'sysu_distance_once ({dist.shape[0]}x{dist.shape[1]} float32, 2048-d, {device}): '
+          f'{t_dist:.3f} s' + cpu('sysu_dist'))
     print(f'sysu_evaluate_settings ({n_eval} evaluations): {t_eval:.3f} s' + cpu('sysu_eval'))
     print(f'sysu_full_report_from_features: {t_dist + t_eval:.3f} s (target < 5 s)')
+    print(f'evals_over_matmul={t_eval / t_dist:.3f}  (SYSU: {n_eval} evaluations / one distance '
+          f'matrix, same run, best of {rep}; target <= 0.3)')
 
     # ------------------------------------------------- torchreid vs ours, same matrices
-    dist64 = distance(q_feat.double(), g_feat.double()).numpy()
+    dist64 = distance(q_feat.double(), g_feat.double()).cpu().numpy()
     q_pids = np.array([r[1] for r in query_records])
     q_cams = np.array([r[2] for r in query_records])
     g_pids_all = np.array([r[1] for r in gallery_records])
     g_cams_all = np.array([r[2] for r in gallery_records])
     n_tr = max(1, min(10, args.torchreid_trials))
-    t_torchreid = t_ours = 0.0
-    worst = 0.0
+    cython_error = None
+    try:
+        tr.module('metrics.rank_cylib.rank_cy')
+        has_cython = bool(getattr(tr.module('metrics.rank'), 'IS_CYTHON_AVAI', True))
+    except ImportError as exc:
+        has_cython, cython_error = False, exc
+    t_torchreid = t_ours = t_cython = 0.0
+    worst = worst_cy = 0.0
     for s in settings:
         for q_idx, g_idx in s.trials[:n_tr]:
             d = np.ascontiguousarray(dist64[np.ix_(q_idx, g_idx)])
@@ -216,19 +254,35 @@ def main(argv=None):
             diff = max(abs(ours.cmc[0] - cmc_tr[0]), abs(ours.mAP - map_tr))
             worst = max(worst, diff)
             assert diff < 1e-6, (s.key, ours.cmc[0], cmc_tr[0], ours.mAP, map_tr)
+            if has_cython:
+                # torchreid's Cython path casts the distances to float32: ties may order
+                # differently, so its agreement is reported, not asserted
+                (cmc_cy, map_cy), dt = timed(lambda: tr.metrics.evaluate_rank(
+                    *args_t, max_rank=50, use_cython=True))
+                t_cython += dt
+                worst_cy = max(worst_cy, abs(ours.cmc[0] - cmc_cy[0]), abs(ours.mAP - map_cy))
     n_cmp = n_tr * len(settings)
     print(f'torchreid_agreement: rank-1 and mAP equal within {worst:.1e} on {n_cmp} evaluations '
           f"(protocol='torchreid', float64 distances)")
     print(f'torchreid_evaluate_rank_python ({n_cmp} evaluations, max_rank=50): {t_torchreid:.3f} s')
     print(f"ours_evaluate_cross_modal_torchreid_rule (same {n_cmp} evaluations): {t_ours:.3f} s")
+    if has_cython:
+        print(f'torchreid_evaluate_rank_cython (same {n_cmp} evaluations): {t_cython:.3f} s; '
+              f'rank-1/mAP within {worst_cy:.1e} of ours (Cython sorts float32 copies)')
+    else:
+        print(f'torchreid_cython: not available ({cython_error}); this torchreid has no '
+              f'compiled rank_cylib, so there is no speedup_vs_torchreid_cython')
 
     # ------------------------------------------------------------------ LLCM-sized data
     if not args.skip_llcm:
         nir, vis = llcm_records(rng)
         f_nir, f_vis = features(nir, True), features(vis, False)
+        if on_device:
+            f_nir, f_vis = f_nir.to(device), f_vis.to(device)
         lsettings, t_lset = timed(lambda: llcm_settings(nir, vis))
-        ldist, t_ldist = timed(lambda: distance(f_nir, f_vis).numpy(), 'llcm_dist')
-        lres, t_leval = timed(lambda: evaluate_settings(ldist, nir, vis, lsettings), 'llcm_eval')
+        ldist, t_ldist = timed(lambda: as_input(distance(f_nir, f_vis)), 'llcm_dist', rep, device)
+        lres, t_leval = timed(lambda: evaluate_settings(ldist, nir, vis, lsettings), 'llcm_eval',
+                              rep, device)
         print(format_table(lres, title='LLCM-sized report (synthetic features)'))
         print(f'llcm_settings: {t_lset:.3f} s')
         print(f'llcm_distance_once ({ldist.shape[0]}x{ldist.shape[1]} float32): {t_ldist:.3f} s'
@@ -236,8 +290,13 @@ def main(argv=None):
         print(f'llcm_evaluate_settings (2 directions x 10 trials): {t_leval:.3f} s'
               + cpu('llcm_eval'))
         print(f'llcm_full_report_from_features: {t_ldist + t_leval:.3f} s')
+        n_leval = sum(x.num_trials for x in lsettings)
+        print(f'llcm_evals_over_matmul={t_leval / t_ldist:.3f}  (LLCM: {n_leval} evaluations / '
+              f'one distance matrix, same run, best of {rep}; target <= 0.3)')
 
     print(f'load average at the end: {os.getloadavg()[0]:.1f}; {calibration()}')
+    if has_cython:
+        print(f'speedup_vs_torchreid_cython={t_cython / t_ours:.1f}')
     print(f'speedup_vs_torchreid={t_torchreid / t_ours:.1f}')
     return 0
 

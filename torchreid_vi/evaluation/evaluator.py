@@ -267,7 +267,7 @@ class CrossModalEvaluator:
             title: the printed table's title.
 
         Returns: ``(results, dist_ir_vis)``: the results by setting key and the IR × VIS
-        distance matrix (numpy float32, for pictures).
+        distance matrix (a float32 tensor on the features' device).
         """
         qset, gset = query_loader.dataset, gallery_loader.dataset
         settings = self.prepare(name, qset)
@@ -279,12 +279,12 @@ class CrossModalEvaluator:
         t1 = time.time()
         dist = (distance or self.default_distance)(ir, vis)
         rerank = self._rerank_function(ir, vis)
-        dist_np = dist.cpu().numpy()  # float32: ties are resolved exactly by the evaluator
-        results = evaluate_settings(dist_np if rerank is None else rerank, qset.query,
+        # the matrix stays where the features are: on a GPU the metrics run there too
+        results = evaluate_settings(dist if rerank is None else rerank, qset.query,
                                     gset.gallery, settings, max_rank=self.options.max_rank)
         print(format_table(results, title=title or name))
         print(f'features {t1 - t0:.1f}s, metrics {time.time() - t1:.1f}s')
-        return results, dist_np
+        return results, dist
 
     def evaluate_distances(self, name: str, dataset, dist_ir_vis) -> Dict[str, SettingResult]:
         """Score a given ``(len(dataset.query), len(dataset.gallery))`` distance matrix (or a
@@ -304,6 +304,8 @@ class CrossModalEvaluator:
         """Ranked-result pictures of trial 0 of every setting, under ``save_dir/visrank/<name>``
         (the project's visualiser: unique file names, the protocol's removal rule applied)."""
         from .visrank import visualize_setting
+        if torch.is_tensor(dist_ir_vis):
+            dist_ir_vis = dist_ir_vis.cpu().numpy()
         root = osp.join(save_dir, 'visrank', name)
         for setting in self.prepare(name, dataset):
             folder = osp.join(root, setting.key.replace('/', '_'))

@@ -20,13 +20,14 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .metrics import (DEFAULT_REPORT_RANKS, CrossModalResult, _as_distance_matrix,
-                      _rows_contiguous, evaluate_cross_modal)
+                      _as_distance_tensor, _default_threads, _evaluate_group, _resolve_backend,
+                      _RowReader, _torch_result, evaluate_cross_modal)
 from .protocols.common import EvalSetting, record_fields
 
 __all__ = ['SettingResult', 'evaluate_settings', 'format_table']
@@ -90,7 +91,7 @@ class SettingResult:
         }
 
 
-def _record_fields(records: Sequence, what: str):
+def _checked_fields(records: Sequence, what: str):
     """(pids, camids) of a non-empty record list (the parsing lives in protocols)."""
     if len(records) == 0:
         raise ValueError(f'{what} is empty')
@@ -106,7 +107,8 @@ def _check_indices(idx: np.ndarray, size: int, what: str) -> None:
 def evaluate_settings(dist_ir_vis: Union[np.ndarray, torch.Tensor, DistFn],
                       query_records: Sequence, gallery_records: Sequence,
                       settings: Sequence[EvalSetting], max_rank: int = 20, *,
-                      chunk_size: int = 2048) -> Dict[str, SettingResult]:
+                      chunk_size: Optional[int] = None,
+                      backend: Optional[str] = None) -> Dict[str, SettingResult]:
     """Evaluate every setting (every trial) against one IR x VIS distance matrix.
 
     Args:
@@ -117,8 +119,15 @@ def evaluate_settings(dist_ir_vis: Union[np.ndarray, torch.Tensor, DistFn],
             follow the setting's direction (for 'vis2ir', query_idx indexes ``gallery_records``).
         query_records, gallery_records: ``dataset.query`` and ``dataset.gallery`` records
             (path, pid, camid, dsetid); native cameras are used by the removal rules.
-        settings: from :mod:`torchreid_vi.metrics.protocols`; keys must be unique.
+        settings: from :mod:`torchreid_vi.evaluation.protocols`; keys must be unique.
         max_rank: CMC length.
+        chunk_size: at most this many queries per block (default: sized to the caches; the
+            extra memory is bounded by the block sizes, see :func:`evaluate_cross_modal`:
+            ~4 MB of matrix rows plus ~5-16 MB of scratch per worker thread, and per-query
+            results of ~25 bytes per query and trial).
+        backend: 'numpy', 'torch' or None (default: torch when ``dist_ir_vis`` is a tensor on a
+            GPU: the matrix stays on its device and every metric is computed there; numpy
+            otherwise). Both give the same results (the torch path to ~1e-16 in mAP/mINP).
 
     Returns:
         ``{setting.key: SettingResult}`` in the order of ``settings``.
@@ -135,53 +144,87 @@ def evaluate_settings(dist_ir_vis: Union[np.ndarray, torch.Tensor, DistFn],
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise ValueError(f'duplicate setting keys: {dup}')
-    ir_pids, ir_cams = _record_fields(query_records, 'query_records')
-    vis_pids, vis_cams = _record_fields(gallery_records, 'gallery_records')
+    ir_pids, ir_cams = _checked_fields(query_records, 'query_records')
+    vis_pids, vis_cams = _checked_fields(gallery_records, 'gallery_records')
     dist_fn = dist_ir_vis if callable(dist_ir_vis) else None
-    by_direction = {}
+    backend = None if dist_fn is not None else _resolve_backend(dist_ir_vis, backend)
+    readers = {}
     if dist_fn is None:
-        dist = _as_distance_matrix(dist_ir_vis)
-        if dist.shape != (len(query_records), len(gallery_records)):
+        dist = (_as_distance_tensor(dist_ir_vis) if backend == 'torch'
+                else _as_distance_matrix(dist_ir_vis))
+        if tuple(dist.shape) != (len(query_records), len(gallery_records)):
             raise ValueError(f'dist_ir_vis must have shape (len(query_records), '
                              f'len(gallery_records)) = ({len(query_records)}, '
-                             f'{len(gallery_records)}), got {dist.shape}')
-        by_direction['ir2vis'] = dist
+                             f'{len(gallery_records)}), got {tuple(dist.shape)}')
+        if backend == 'torch':       # 'vis2ir' reads the transposed view on the same device
+            readers = {'ir2vis': dist, 'vis2ir': dist.T}
+        else:                        # 'vis2ir' reads it column-wise, in tiles (no full copy)
+            readers = {'ir2vis': _RowReader(dist), 'vis2ir': _RowReader(dist.T)}
+    threads = _default_threads()
 
-    results: Dict[str, SettingResult] = {}
+    def sides(direction):
+        if direction == 'ir2vis':
+            return ir_pids, ir_cams, vis_pids, vis_cams
+        return vis_pids, vis_cams, ir_pids, ir_cams
+
+    per_trial: Dict[str, List[CrossModalResult]] = {s.key: [None] * s.num_trials for s in settings}
+    groups: Dict[tuple, list] = {}         # (direction, query rows) -> trials of any setting
     for setting in settings:
-        if setting.direction == 'ir2vis':
-            q_pids, q_cams, g_pids, g_cams = ir_pids, ir_cams, vis_pids, vis_cams
-        else:
-            q_pids, q_cams, g_pids, g_cams = vis_pids, vis_cams, ir_pids, ir_cams
-        if dist_fn is None and setting.direction not in by_direction:
-            # one contiguous transpose serves every vis2ir trial (row slices stay cheap)
-            by_direction[setting.direction] = _rows_contiguous(by_direction['ir2vis'].T)
-        per_trial = []
+        q_pids, _, g_pids, _ = sides(setting.direction)
         for t, (q_idx, g_idx) in enumerate(setting.trials):
             where = f'setting {setting.key!r} trial {t}'
             _check_indices(q_idx, len(q_pids), f'{where} query_idx')
             _check_indices(g_idx, len(g_pids), f'{where} gallery_idx')
-            if dist_fn is not None:
+            if backend == 'torch':
+                q_pids, q_cams, g_pids, g_cams = sides(setting.direction)
+                if len(q_idx) == 0 or len(g_idx) == 0:
+                    raise ValueError(f'{where}: empty evaluation: {len(q_idx)} queries x '
+                                     f'{len(g_idx)} gallery items')
+                try:
+                    per_trial[setting.key][t] = _torch_result(
+                        readers[setting.direction], q_idx, g_idx, q_pids[q_idx], q_cams[q_idx],
+                        g_pids[g_idx], g_cams[g_idx], setting.removal, setting.cmc_mode,
+                        max_rank, f'(removal={setting.removal!r}, '
+                        f'cmc_mode={setting.cmc_mode!r})', chunk_size)
+                except ValueError as exc:
+                    raise ValueError(f'{where}: {exc}') from exc
+            elif dist_fn is None:
+                groups.setdefault((setting.direction, q_idx.tobytes()), []).append(
+                    (setting, t, where))
+            else:
                 d = _as_distance_matrix(dist_fn(q_idx, g_idx, setting.direction))
                 if d.shape != (len(q_idx), len(g_idx)):
                     raise ValueError(f'{where}: dist_fn returned shape {d.shape}, expected '
                                      f'({len(q_idx)}, {len(g_idx)})')
-                index = {}
-            else:
-                # the trial's block dist[np.ix_(q_idx, g_idx)] is gathered chunk by chunk
-                d = by_direction[setting.direction]
-                all_rows = len(q_idx) == d.shape[0] and np.array_equal(q_idx,
-                                                                       np.arange(d.shape[0]))
-                index = dict(query_index=None if all_rows else q_idx, gallery_index=g_idx)
-            try:
-                per_trial.append(evaluate_cross_modal(
-                    d, q_pids[q_idx], g_pids[g_idx], q_cams[q_idx], g_cams[g_idx],
-                    max_rank=max_rank, removal=setting.removal, cmc_mode=setting.cmc_mode,
-                    chunk_size=chunk_size, **index))
-            except ValueError as exc:
-                raise ValueError(f'{where}: {exc}') from exc
-        results[setting.key] = SettingResult.from_trials(setting, per_trial)
-    return results
+                q_pids, q_cams, g_pids, g_cams = sides(setting.direction)
+                try:
+                    per_trial[setting.key][t] = evaluate_cross_modal(
+                        d, q_pids[q_idx], g_pids[g_idx], q_cams[q_idx], g_cams[g_idx],
+                        max_rank=max_rank, removal=setting.removal, cmc_mode=setting.cmc_mode,
+                        chunk_size=chunk_size)
+                except ValueError as exc:
+                    raise ValueError(f'{where}: {exc}') from exc
+    # trials against the same queries (any setting): one pass over their rows serves them all
+    for (direction, _), members in groups.items():
+        q_pids, q_cams, g_pids, g_cams = sides(direction)
+        reader = readers[direction]
+        q_idx = members[0][0].trials[members[0][1]][0]
+        if len(q_idx) == 0:
+            raise ValueError(f'{members[0][2]}: empty evaluation: 0 queries')
+        q_index = None if (len(q_idx) == reader.shape[0] and np.array_equal(
+            q_idx, np.arange(reader.shape[0]))) else q_idx
+        trials = []
+        for setting, t, where in members:
+            g_idx = setting.trials[t][1]
+            if len(g_idx) == 0:
+                raise ValueError(f'{where}: empty evaluation: 0 gallery items')
+            trials.append((g_idx, g_pids[g_idx], g_cams[g_idx], setting.removal,
+                           setting.cmc_mode))
+        res = _evaluate_group(reader, q_index, q_pids[q_idx], q_cams[q_idx], trials, max_rank,
+                              threads, chunk_size, [w for _, _, w in members], stacklevel=3)
+        for (setting, t, _), r in zip(members, res):
+            per_trial[setting.key][t] = r
+    return {s.key: SettingResult.from_trials(s, per_trial[s.key]) for s in settings}
 
 
 def _pm(mean: float, std: float, num_trials: int) -> str:

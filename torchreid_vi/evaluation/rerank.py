@@ -10,7 +10,7 @@
   k-reciprocal vectors only through query expansion); the encoding weights V are stored in float16.
 
 Both need features, not a finished distance matrix, and both must be recomputed for every trial's
-gallery (pass them to :func:`~torchreid_vi.metrics.report.evaluate_settings` as a ``dist_fn``).
+gallery (pass them to :func:`~torchreid_vi.evaluation.report.evaluate_settings` as a ``dist_fn``).
 Memory: IDKL's variant holds the joint (N x N, N = queries + gallery) float32 distances, plus
 sparse encodings.
 """
