@@ -49,8 +49,14 @@ import scipy.io
 import torch
 
 from torchreid_vi._torchreid import tr
-from torchreid_vi.evaluation import (evaluate_cross_modal, evaluate_settings, format_table,
-                                  llcm_settings, read_sysu_perm, sysu_settings)
+from torchreid_vi.evaluation import (
+    evaluate_cross_modal,
+    evaluate_settings,
+    format_table,
+    llcm_settings,
+    read_sysu_perm,
+    sysu_settings,
+)
 
 # official split files (rand_perm_cam.mat, test_id.mat); override with TORCHREID_VI_SYSU_EXP
 # The official split files ship in shared/ beside the repository checkout (as CI lays it out).

@@ -6,7 +6,6 @@ import subprocess
 import sys
 import urllib.error
 
-import pytest
 import torch
 
 from torchreid_vi import cli

@@ -10,10 +10,15 @@ import pytest
 import torch
 
 from torchreid_vi._torchreid import tr
-from torchreid_vi.data import register_all
 from torchreid_vi.data import datamanager as vi_dm
-from torchreid_vi.data.base import (INFRARED, VISIBLE, CrossModalDataset,
-                                    MultiSourceCrossModalDataset, parse_cache_info)
+from torchreid_vi.data import register_all
+from torchreid_vi.data.base import (
+    INFRARED,
+    VISIBLE,
+    CrossModalDataset,
+    MultiSourceCrossModalDataset,
+    parse_cache_info,
+)
 from torchreid_vi.data.datamanager import CrossModalImageDataManager
 from torchreid_vi.data.regdb import RegDB
 from torchreid_vi.data.sampler import ModalityBalancedSampler
@@ -91,7 +96,8 @@ def test_dataset_options_reach_datasets_and_test_datasets_are_exposed(regdb_root
                                                      'sysu_mm01': {'shots': [1]}},
                                     sampler_options={'seed': 5, 'epoch_mode': 'cover'}, **COMMON)
     trial2 = manifest['trial_pids']['2']
-    assert isinstance(dm.train_set, RegDB) and dm.train_set.train_raw_pids == sorted(trial2['train'])
+    assert (isinstance(dm.train_set, RegDB)
+            and dm.train_set.train_raw_pids == sorted(trial2['train']))
     query_ds = dm.test_datasets['regdb']
     assert isinstance(query_ds, RegDB) and query_ds.mode == 'query'
     assert query_ds.protocol_options == {'trial': 2, 'directions': ('t2v',), 'semantics': 'vireid'}

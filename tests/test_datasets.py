@@ -6,24 +6,34 @@ import os
 import os.path as osp
 import re
 import shutil
-import sys
 import threading
-import types
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from torchreid_vi._torchreid import tr
 from torchreid_vi.data import register_all
-from torchreid_vi.data.base import (INFRARED, VISIBLE, CrossModalDataset, DatasetLayoutError,
-                                    MultiSourceCrossModalDataset, clear_parse_cache,
-                                    parse_cache_info)
-from torchreid_vi.data.io import (DataFormatError, ImageReadError, parse_id_list, parse_idx_file,
-                                  read_image, safe_join)
+from torchreid_vi.data.base import (
+    INFRARED,
+    VISIBLE,
+    CrossModalDataset,
+    DatasetLayoutError,
+    MultiSourceCrossModalDataset,
+    clear_parse_cache,
+    parse_cache_info,
+)
+from torchreid_vi.data.io import (
+    DataFormatError,
+    ImageReadError,
+    parse_id_list,
+    parse_idx_file,
+    read_image,
+    safe_join,
+)
 from torchreid_vi.data.llcm import LLCM
 from torchreid_vi.data.regdb import RegDB
 from torchreid_vi.data.sysu_mm01 import SYSUMM01
-from torchreid_vi._torchreid import tr
 
 register_all()
 
@@ -63,7 +73,8 @@ def test_record_contract(cls, fixture, request):
     labels = sorted({r[1] for r in ds.train})
     assert labels == list(range(len(labels)))
     # Both modalities share the labels, and labels follow ascending raw pid.
-    assert {r[1] for r in ds.train if r[3] == VISIBLE} == {r[1] for r in ds.train if r[3] == INFRARED}
+    assert ({r[1] for r in ds.train if r[3] == VISIBLE}
+            == {r[1] for r in ds.train if r[3] == INFRARED})
     assert ds.train_raw_pids == sorted(ds.train_raw_pids)
     assert ds.num_train_pids == len(labels)
 
@@ -364,8 +375,8 @@ def test_parse_helpers_tolerate_blank_lines_and_bom(tmp_path):
     q = tmp_path / 'idx.txt'
     q.write_text('a/1/x.bmp 0\n\n  \nb/2/y.bmp 1\n\n')
     lines = parse_idx_file(str(q))
-    assert [(l.rel_path, l.label, l.line_no) for l in lines] == [('a/1/x.bmp', 0, 1),
-                                                                  ('b/2/y.bmp', 1, 4)]
+    assert [(entry.rel_path, entry.label, entry.line_no) for entry in lines] == [
+        ('a/1/x.bmp', 0, 1), ('b/2/y.bmp', 1, 4)]
     empty = tmp_path / 'empty.txt'
     empty.write_text('\n\n')
     with pytest.raises(DataFormatError, match='no ids'):
@@ -546,7 +557,8 @@ def test_a_repeated_index_line_is_warned_about_and_used_once(regdb_root, copy_da
     lines = open(idx).read().splitlines()
     open(idx, 'w').write('\n'.join(lines + [lines[3], lines[3]]) + '\n')
     clear_parse_cache()
-    with pytest.warns(UserWarning, match=r'regdb: 2 gallery image\(s\) are listed more than once') as record:
+    with pytest.warns(UserWarning,
+                      match=r'regdb: 2 gallery image\(s\) are listed more than once') as record:
         ds = RegDB(root=osp.dirname(folder), verbose=False)
     assert lines[3].split()[0] in str(record[0].message)
     reference = RegDB(root=regdb_root[0], verbose=False)

@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import torchreid_vi
-from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi import checkpoint as ckpt_mod
 from torchreid_vi import pretrained, registry
 from torchreid_vi._torchreid import tr
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 
 RESOLVER = os.path.join(os.path.dirname(torchreid_vi.__file__), '_torchreid.py')
 SUBPACKAGES = ('data', 'engine', 'losses', 'metrics', 'models', 'optim', 'utils')

@@ -1,12 +1,10 @@
 """IDKL engine, config node and per-dataset configs (spec idkl.md §3.7, §6, §10.10, §10.13)."""
 import os.path as osp
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from torchreid_vi._torchreid import tr
 from torchreid_vi.config import get_default_config
 from torchreid_vi.methods.idkl import model_options, register
 from torchreid_vi.methods.idkl.engine import IDKLEngine
@@ -66,7 +64,8 @@ def test_register_is_idempotent_and_adds_the_config_node():
     assert {'idkl_resnet50', 'idkl_resnet18'} <= set(list_models())
     cfg = get_default_config()
     c = cfg.idkl
-    assert (c.triplet.margin, c.ip.weight, c.tgsa.distill_weight, c.csa.weight) == (1.3, 0.1, 0.6, 0.8)
+    assert (c.triplet.margin, c.ip.weight, c.tgsa.distill_weight, c.csa.weight) == (
+        1.3, 0.1, 0.6, 0.8)
     assert list(c.tgsa.mdr_weights) == [1.0, 1.0, 1.0] and c.tgsa.enabled and c.csa.set_level
     assert (c.ip.mask_mode, c.ip.loss_form, c.tgsa.cross_mode, c.confuser.mode) == (
         'pixel', 'code', 'mixed_set', 'pseudo')
@@ -79,7 +78,8 @@ def test_dataset_configs_hold_the_released_values():
     cfgs = {name: config(path) for name, path in CONFIGS.items()}
     for name, cfg in cfgs.items():
         assert cfg.engine.name == 'idkl' and cfg.model.name == 'idkl_resnet50'
-        assert cfg.sampler.train_sampler == 'ModalityBalancedSampler' and cfg.sampler.num_instances == 5
+        assert (cfg.sampler.train_sampler == 'ModalityBalancedSampler'
+                and cfg.sampler.num_instances == 5)
         assert (cfg.train.optim, cfg.train.lr, cfg.train.weight_decay) == ('adam', 3.5e-4, 5e-3)
         assert (cfg.adam.beta1, cfg.adam.beta2) == (0.9, 0.999)
         assert cfg.train.lr_scheduler == 'multi_step' and list(cfg.train.stepsize) == [55, 95]
@@ -153,7 +153,8 @@ def test_fp16_is_refused_on_cpu_and_bad_amp_names_the_key():
 
 def test_forward_backward_reports_every_term_and_learns():
     # A small lr: from a random init, Adam's first sign-like steps at the released 3.5e-4 make the
-    # distance-softmax terms spike on a batch of 8 before they settle (the CLI test trains at 3.5e-4).
+    # distance-softmax terms spike on a batch of 8 before they settle (the CLI test trains at
+    # 3.5e-4).
     engine = build_engine(tiny_cfg('train.lr', '1e-5'))
     engine.model.train()
     data = block_batch()

@@ -5,12 +5,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torchreid_vi.modeling.losses import symmetric_kl
 from torchreid_vi.methods.idkl.loss import (
-    IDKLLoss, canonical_views, csa_terms, discrepancy_reducing_loss, discrimination_enhancing_loss,
-    entropy, off_diagonal, off_diagonal_distances, pseudo_modality_labels, set_level_kl,
-    set_level_rows, tgsa_terms,
+    IDKLLoss,
+    canonical_views,
+    csa_terms,
+    discrepancy_reducing_loss,
+    discrimination_enhancing_loss,
+    entropy,
+    off_diagonal,
+    off_diagonal_distances,
+    pseudo_modality_labels,
+    set_level_kl,
+    set_level_rows,
+    tgsa_terms,
 )
+from torchreid_vi.modeling.losses import symmetric_kl
 
 
 def idkl_loss(**overrides):
@@ -50,7 +59,8 @@ def permutation_official_to_block(pid_list, m):
 def random_outputs(batch, classes=7, dim=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     out = {k: torch.randn(batch, dim, generator=g) * 3 for k in ('f_sh', 'f_sp', 'r_F', 'r_Fm')}
-    out.update({k: torch.randn(batch, classes, generator=g) * 2 for k in ('z_sh', 'z_sp', 'e_F', 'e_Fd')})
+    out.update({k: torch.randn(batch, classes, generator=g) * 2
+                for k in ('z_sh', 'z_sp', 'e_F', 'e_Fd')})
     out.update({k: torch.randn(batch, 2, generator=g) for k in ('d_logits', 'q_logits')})
     return out
 
@@ -179,7 +189,10 @@ def test_pseudo_labels_balanced_per_modality_for_any_layout(seed):
 
 def test_discrimination_enhancing_loss_against_direct_formula():
     e_f, e_fd = torch.randn(6, 5) * 2, torch.randn(6, 5) * 2
-    h = lambda z: -(F.softmax(z, 1) * F.log_softmax(z, 1)).sum(1)
+
+    def h(z):
+        return -(F.softmax(z, 1) * F.log_softmax(z, 1)).sum(1)
+
     assert torch.allclose(entropy(e_f), h(e_f))
     gap = h(e_fd) - h(e_f)
     assert float(discrimination_enhancing_loss(e_fd, e_f)) == pytest.approx(
@@ -220,9 +233,11 @@ def test_tgsa_pairing_matches_boolean_selection_of_official_code():
     t_dist, t_mdr = tgsa_terms(f_sh, f_sp, views, (1.0, 1.0, 1.0))
 
     # the released code: boolean selection in batch order, then explicit per-row deletion
-    sh_v, sh_i, sp_v, sp_i = f_sh[mods == VIS], f_sh[mods == IR], f_sp[mods == VIS], f_sp[mods == IR]
+    sh_v, sh_i, sp_v, sp_i = (f_sh[mods == VIS], f_sh[mods == IR],
+                              f_sp[mods == VIS], f_sp[mods == IR])
     cross = torch.cat([sh_v[:4], sh_i[:4]])
-    assert pids[mods == VIS][:4].tolist() == [0, 0, 1, 1] and pids[mods == IR][:4].tolist() == [0, 0, 1, 1]
+    assert (pids[mods == VIS][:4].tolist() == [0, 0, 1, 1]
+            and pids[mods == IR][:4].tolist() == [0, 0, 1, 1])
     a_v, a_i, a_x = explicit_R(sh_v), explicit_R(sh_i), explicit_R(cross)
     assert t_dist.item() == pytest.approx(
         explicit_J(a_v, explicit_R(sp_v)) + explicit_J(a_i, explicit_R(sp_i)), rel=1e-4)
@@ -248,18 +263,22 @@ def test_csa_terms_against_direct_formula():
     z_sh, z_sp = torch.randn(len(pids), 5) * 2, torch.randn(len(pids), 5) * 2
     views = canonical_views(pids, mods, m)
     l_bg, l_sm = csa_terms(z_sh, z_sp, views, csa_weight=0.8, mdr_weight=1.0)
-    sh_v, sh_i, sp_v, sp_i = z_sh[mods == VIS], z_sh[mods == IR], z_sp[mods == VIS], z_sp[mods == IR]
+    sh_v, sh_i, sp_v, sp_i = (z_sh[mods == VIS], z_sh[mods == IR],
+                              z_sp[mods == VIS], z_sp[mods == IR])
     assert l_bg.item() == pytest.approx(
-        explicit_J(sh_v, sh_i) + 0.8 * (explicit_J(sh_v, sp_v) + explicit_J(sh_i, sp_i)), rel=1e-5)
+        explicit_J(sh_v, sh_i) + 0.8 * (explicit_J(sh_v, sp_v) + explicit_J(sh_i, sp_i)),
+        rel=1e-5)
 
     def t(z):  # k-th image of every identity side by side
-        return torch.stack([torch.cat([z[p * m + k] for p in range(len(pid_list))]) for k in range(m)])
+        return torch.stack([torch.cat([z[p * m + k] for p in range(len(pid_list))])
+                            for k in range(m)])
 
     assert l_sm.item() == pytest.approx(explicit_J(t(sh_v), t(sh_i)) + 0.8 * (
         explicit_J(t(sh_v), t(sp_v)) + explicit_J(t(sh_i), t(sp_i))), rel=1e-5)
     # λ3 terms vanish when the branches agree; set-level off drops S
     l_bg_same, l_sm_off = csa_terms(z_sh, z_sh.clone(), views, 0.8, set_level=False)
-    assert l_bg_same.item() == pytest.approx(explicit_J(sh_v, sh_i), rel=1e-5) and float(l_sm_off) == 0.0
+    assert (l_bg_same.item() == pytest.approx(explicit_J(sh_v, sh_i), rel=1e-5)
+            and float(l_sm_off) == 0.0)
 
 
 # --------------------------------------------------------------------- total loss
@@ -273,8 +292,8 @@ def test_total_loss_is_the_weighted_sum_and_terms_are_nonnegative():
                  'tgsa_dist', 'tgsa_mdr', 'bg_kl', 'sm_kl'):
         assert terms[name] >= 0, name
     expected = (terms['tri'] + terms['ce'] + terms['id_pl'] + terms['unad'] + terms['pse']
-                + 0.1 * (terms['F_p'] + terms['IN_p']) + terms['tgsa_mdr'] + 0.6 * terms['tgsa_dist']
-                + terms['bg_kl'] + terms['sm_kl'])
+                + 0.1 * (terms['F_p'] + terms['IN_p']) + terms['tgsa_mdr']
+                + 0.6 * terms['tgsa_dist'] + terms['bg_kl'] + terms['sm_kl'])
     assert float(terms['loss']) == pytest.approx(float(expected), rel=1e-6)
     assert float(terms['tri']) == pytest.approx(float(terms['tri_sh'] + terms['tri_sp']))
     # the pseudo-label confuser target: code pattern on this layout
@@ -282,7 +301,8 @@ def test_total_loss_is_the_weighted_sum_and_terms_are_nonnegative():
     assert float(terms['pse']) == pytest.approx(float(pse), rel=1e-6)
     # paper mode: true modality labels
     grl = idkl_loss(num_instances=2, confuser_mode='grl')(out, pids, mods)
-    assert float(grl['pse']) == pytest.approx(float(F.cross_entropy(out['q_logits'], mods)), rel=1e-6)
+    assert float(grl['pse']) == pytest.approx(float(F.cross_entropy(out['q_logits'], mods)),
+                                              rel=1e-6)
     # TGSA off (RegDB): no soft_dt in the total
     off = idkl_loss(num_instances=2, tgsa_enabled=False, csa_weight=0.3)(out, pids, mods)
     assert float(off['soft_dt']) == 0.0
@@ -324,7 +344,8 @@ def test_invalid_options_name_the_config_key():
         idkl_loss(num_instances=2, confuser_mode='bad')
     with pytest.raises(ValueError, match='mdr_weights'):
         idkl_loss(num_instances=2, tgsa_mdr_weights=(1, 1))
-    pids, mods = official_layout([0, 1, 2], 1)   # N = 3 images per modality: pseudo labels unbalanced
+    # N = 3 images per modality: pseudo labels unbalanced
+    pids, mods = official_layout([0, 1, 2], 1)
     with pytest.raises(ValueError, match='even number'):
         idkl_loss(num_instances=1)(random_outputs(len(pids)), pids, mods)
     with pytest.raises(ValueError, match='mixed_set needs an even number'):

@@ -3,13 +3,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torchvision.models.resnet import ResNet, BasicBlock
+from torchvision.models.resnet import BasicBlock, ResNet
 
 import torchreid_vi.pretrained as pretrained_module
-from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi._torchreid import tr
 from torchreid_vi.methods.idkl.loss import IDKLLoss
 from torchreid_vi.methods.idkl.model import IDKLNet, idkl_resnet18, idkl_resnet50, register_models
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi.registry import MODELS
 
 

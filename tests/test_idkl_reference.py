@@ -24,8 +24,13 @@ from torch import nn
 
 from torchreid_vi.config import get_default_config
 from torchreid_vi.methods.idkl import IDKLLoss, IDKLNet
-from torchreid_vi.methods.idkl.loss import (canonical_views, entropy, off_diagonal_distances,
-                                            pseudo_modality_labels, set_level_kl)
+from torchreid_vi.methods.idkl.loss import (
+    canonical_views,
+    entropy,
+    off_diagonal_distances,
+    pseudo_modality_labels,
+    set_level_kl,
+)
 from torchreid_vi.methods.idkl.model import PurifierOutput
 from torchreid_vi.modeling.losses import symmetric_kl
 
@@ -56,14 +61,16 @@ def reference_path() -> str:
     ``<repo>/../shared/data/idkl_reference/released_loss_terms.pt``."""
     where = os.environ.get(ENV_VAR) or os.path.join(REPO, '..', 'shared', 'data',
                                                     'idkl_reference')
-    return where if where.endswith('.pt') or os.path.isfile(where) else os.path.join(where, FILE_NAME)
+    return (where if where.endswith('.pt') or os.path.isfile(where)
+            else os.path.join(where, FILE_NAME))
 
 
 @pytest.fixture(scope='module')
 def fx():
     path = reference_path()
     if not os.path.isfile(path):
-        where = f'${ENV_VAR}' if os.environ.get(ENV_VAR) else 'the shared folder beside the checkout'
+        where = (f'${ENV_VAR}' if os.environ.get(ENV_VAR)
+                 else 'the shared folder beside the checkout')
         pytest.skip(f'IDKL reference values not found at {os.path.abspath(path)} ({where}); '
                     f'set {ENV_VAR} to the folder holding {FILE_NAME} or to the file')
     data = torch.load(path, weights_only=True)
@@ -139,7 +146,8 @@ def head_outputs(net: IDKLNet, x) -> dict:
 
 
 def run(fx, ds, dtype=torch.float64, order=None):
-    """``(net, outputs, terms, pids, modalities)`` of configuration ``ds`` (``'sysu'``/``'regdb'``)."""
+    """``(net, outputs, terms, pids, modalities)`` of configuration ``ds``
+    (``'sysu'``/``'regdb'``)."""
     cfg = packaged_config(CONFIGS[ds])
     net = reference_net(fx, cfg, dtype)
     x, pids, mods = inputs_as(fx[ds], dtype, order)
@@ -321,7 +329,8 @@ def test_the_network_forward_routes_each_map_to_the_released_head(fx):
     with torch.no_grad():
         out = net(torch.zeros(len(pids), 3, 1, 1, dtype=torch.float64))
         terms = IDKLLoss.from_config(cfg)(out, pids, mods)
-    assert rel_error(out['f_sh'], x['sh_pl']) <= 1e-12 and rel_error(out['f_sp'], x['sp_pl']) <= 1e-12
+    assert (rel_error(out['f_sh'], x['sh_pl']) <= 1e-12
+            and rel_error(out['f_sp'], x['sp_pl']) <= 1e-12)
     ref = fx[ds]['head_outputs']
     for released, ours in (('logits', 'z_sh'), ('logits_sp', 'z_sp'), ('sp_logits', 'd_logits'),
                            ('pseu_sh_logits', 'q_logits'), ('l_F', 'e_F'), ('l_F_p', 'e_Fd')):

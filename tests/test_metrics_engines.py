@@ -9,9 +9,9 @@ import warnings
 
 import numpy as np
 import pytest
+from test_metrics import reference_evaluate
 
 import torchreid_vi.evaluation.metrics as rank
-from test_metrics import reference_evaluate
 from torchreid_vi.evaluation import EvalSetting, evaluate_cross_modal, evaluate_settings
 from torchreid_vi.evaluation.metrics import _per_query
 

@@ -1,5 +1,5 @@
 """What ``tests/test_metrics.py`` leaves open, against the spec's §3.4 reference semantics
-(datasets_and_protocols.md; written out again here): the multi-threaded path of
+(datasets_and_protocols.md; restated in spec_oracle.py): the multi-threaded path of
 ``evaluate_cross_modal`` (it only runs for ≥ 1e6 distances) and the across-trial aggregation of
 ``evaluate_settings`` (§3.3: the arithmetic mean of the per-trial values, not pooled over
 queries)."""
@@ -7,37 +7,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from spec_oracle import evaluate
 
 from torchreid_vi.evaluation import evaluate_cross_modal
 from torchreid_vi.evaluation.protocols.common import EvalSetting
 from torchreid_vi.evaluation.report import evaluate_settings
-
-
-def evaluate(dist, q_pid, g_pid, q_cam, g_cam, removal, cmc_mode, max_rank=20):
-    """datasets_and_protocols.md §3.4, verbatim (numpy, stable argsort)."""
-    dist = np.asarray(dist, np.float64); nq, ng = dist.shape
-    order = np.argsort(dist, axis=1, kind='stable')                  # gallery column at each ranked position
-    gp, gc = g_pid[order], g_cam[order]
-    match = gp == q_pid[:, None]
-    removed = {'location': (q_cam[:, None] == 3) & (gc == 2),
-               'same_pid_cam': match & (gc == q_cam[:, None]),
-               'none': np.zeros_like(match)}[removal]
-    kept = ~removed; pos = match & kept; valid = pos.any(1)
-    if not valid.any(): raise ValueError('no valid query')
-    krank = np.cumsum(kept, 1); ncum = np.cumsum(pos, 1); npos = ncum[:, -1]
-    ap = (np.where(pos, ncum / np.maximum(krank, 1), 0).sum(1) / np.maximum(npos, 1))[valid]
-    inp = (npos / np.maximum(np.where(pos, krank, 0).max(1), 1))[valid]
-    if cmc_mode == 'image':
-        first = np.where(pos, krank, ng + 1).min(1)
-    else:                                                            # identity CMC
-        P = np.full((nq, ng), ng); np.put_along_axis(P, order, np.where(kept, np.arange(ng), ng), 1)
-        cs = np.argsort(g_pid, kind='stable'); sp = g_pid[cs]
-        starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]); ids = sp[starts]
-        firstpos = np.minimum.reduceat(P[:, cs], starts, axis=1)     # (nq, n_ids): best kept position per id
-        own = firstpos[np.arange(nq), np.clip(np.searchsorted(ids, q_pid), 0, len(ids) - 1)]
-        first = (firstpos < own[:, None]).sum(1) + 1
-    cmc = (first[valid][:, None] <= np.arange(1, max_rank + 1)).mean(0)
-    return cmc, ap.mean(), inp.mean(), int(valid.sum())
 
 
 def sysu_like(rng, nq, ng, n_ids, ties):

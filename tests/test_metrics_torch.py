@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-
 from test_metrics import CASES, GOLDEN, TOL, case_sysu, reference_evaluate
+
 from torchreid_vi.evaluation import EvalSetting, evaluate_cross_modal, evaluate_settings
 from torchreid_vi.evaluation.metrics import _per_query
 

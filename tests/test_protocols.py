@@ -1,7 +1,8 @@
 """Evaluation settings and the multi-trial report (spec §2, §1.6 counts, §7.2 items 5-7, 10, 11).
 
 The SYSU tests run the samplers on the REAL official permutation file (96 test ids, real cell
-sizes) from $TORCHREID_VI_SYSU_EXP (default ../shared/data/sysu_mm01_exp beside the repository); skipped without it.
+sizes) from $TORCHREID_VI_SYSU_EXP (default ../shared/data/sysu_mm01_exp beside the repository);
+skipped without it.
 """
 import json
 import os
@@ -12,10 +13,19 @@ import numpy as np
 import pytest
 import scipy.io
 
-from torchreid_vi.evaluation import (EvalSetting, agw_seed_gallery, evaluate_cross_modal,
-                                  evaluate_settings, format_table, generic_settings,
-                                  llcm_settings, read_sysu_perm, regdb_settings,
-                                  sysu_gallery_official_perm, sysu_settings)
+from torchreid_vi.evaluation import (
+    EvalSetting,
+    agw_seed_gallery,
+    evaluate_cross_modal,
+    evaluate_settings,
+    format_table,
+    generic_settings,
+    llcm_settings,
+    read_sysu_perm,
+    regdb_settings,
+    sysu_gallery_official_perm,
+    sysu_settings,
+)
 
 # The official split files ship in shared/ beside the repository checkout (as CI lays it out).
 SPLIT_DIR = os.environ.get('TORCHREID_VI_SYSU_EXP', os.path.join(

@@ -209,6 +209,7 @@ def test_bad_modality_codes_and_options_raise():
 
 def test_dataloader_batches_have_the_layout(sysu_root):
     import torchvision.transforms as T
+
     from torchreid_vi.data.sysu_mm01 import SYSUMM01
     root, _ = sysu_root
     ds = SYSUMM01(root=root, verbose=False, transform=T.Compose([T.Resize((16, 8)),

@@ -182,7 +182,8 @@ def test_every_term_equals_an_explicit_per_anchor_reference_with_different_block
         bwd, n_bwd = _reference_batch_hard(f[b], y[b], f['I'], y['I'], alpha1)   # B -> I
         expected[f'cmg_{name}'] = fwd + bwd
         counts[name] = (n_fwd, n_bwd)
-    expected['loss_m'] = sum(expected[f'{t}_{b}'] for t in ('id', 'tri') for b in ('ir', 'x', 'vis'))
+    expected['loss_m'] = sum(expected[f'{t}_{b}']
+                             for t in ('id', 'tri') for b in ('ir', 'x', 'vis'))
     expected['loss_c'] = expected['cmg_ir_x'] + expected['cmg_ir_vis']
     expected['loss'] = expected['loss_m'] + lam * expected['loss_c']
 
@@ -200,7 +201,8 @@ def test_cross_gap_uses_each_sides_own_labels():
     """``cross_modality_gap`` on two blocks whose label vectors differ, against the reference;
     the same blocks with the B labels replaced by A's give another value (so a mix-up shows)."""
     feats, _, labels, blocks = _labelled_blocks(seed=9)
-    fa, ya, fb, yb = feats[blocks['I']], labels[blocks['I']], feats[blocks['V']], labels[blocks['V']]
+    fa, ya, fb, yb = (feats[blocks['I']], labels[blocks['I']],
+                      feats[blocks['V']], labels[blocks['V']])
     fwd, _ = _reference_batch_hard(fa, ya, fb, yb, 0.5)
     bwd, _ = _reference_batch_hard(fb, yb, fa, ya, 0.5)
     assert float(cross_modality_gap(fa, ya, fb, yb, 0.5)) == pytest.approx(fwd + bwd, rel=1e-5)

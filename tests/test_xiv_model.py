@@ -5,10 +5,10 @@ import torch
 from PIL import Image
 from torch import nn
 
-from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi._torchreid import tr
 from torchreid_vi.methods.xiv import model as xiv
 from torchreid_vi.methods.xiv.model import XGenerator, XIVNet
+from torchreid_vi.modeling.backbones import IMAGENET_WEIGHTS
 from torchreid_vi.registry import list_models
 
 
@@ -161,9 +161,9 @@ def test_train_mode_outputs_and_strong_baseline_heads(net):
 
 
 def test_training_step_feeds_the_bnneck_to_the_classifier_and_t_to_the_triplet(net):
-    """``net(ir, visible=vis)`` = one backbone pass over [I, g(V), V]; logits = classifier(BNNeck(t))
-    and the returned feature is the pre-BN t (spec xiv.md §3), pinned with explicit sub-module
-    calls."""
+    """``net(ir, visible=vis)`` = one backbone pass over [I, g(V), V];
+    logits = classifier(BNNeck(t)) and the returned feature is the pre-BN t (spec xiv.md §3),
+    pinned with explicit sub-module calls."""
     torch.manual_seed(3)
     ir, vis = torch.rand(4, 3, 64, 32), torch.rand(4, 3, 64, 32)
     net.train()
@@ -224,6 +224,7 @@ def test_any_pooled_backbone_registers_in_one_line():
 
 def test_imagenet_weights_load_by_name_and_shape(monkeypatch):
     from torchvision.models import resnet18
+
     import torchreid_vi.pretrained as pretrained
 
     source = resnet18(weights=None).state_dict()  # torchvision names, as in the hub file

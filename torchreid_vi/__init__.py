@@ -12,8 +12,16 @@ torchreid's and the plugin's registries (idempotent: importing or calling
 __version__ = '0.1.0'
 
 from .registration import register_all  # noqa: E402
-from .registry import (list_datasets, list_engines, list_models, list_samplers,  # noqa: E402
-                       register_dataset, register_engine, register_model, register_sampler)
+from .registry import (  # noqa: E402
+                       list_datasets,
+                       list_engines,
+                       list_models,
+                       list_samplers,
+                       register_dataset,
+                       register_engine,
+                       register_model,
+                       register_sampler,
+)
 
 register_all()
 

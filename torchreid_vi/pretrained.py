@@ -31,7 +31,8 @@ class PretrainedWeightsUnavailable(RuntimeError):
 
 
 def hub_checkpoint_path(url: str) -> Path:
-    """Where torch's hub cache keeps the file of ``url`` (``$TORCH_HOME/hub/checkpoints/<name>``)."""
+    """Where torch's hub cache keeps the file of ``url``
+    (``$TORCH_HOME/hub/checkpoints/<name>``)."""
     return Path(torch.hub.get_dir()) / 'checkpoints' / os.path.basename(url.split('?')[0])
 
 

@@ -97,7 +97,8 @@ def _same_definition(a: Any, b: Any) -> bool:
         return a == b or (_same_definition(a.__func__, b.__func__)
                           and _same_definition(a.__self__, b.__self__))
     qa, qb = getattr(a, '__qualname__', None), getattr(b, '__qualname__', None)
-    return qa is not None and qa == qb and getattr(a, '__module__', 1) == getattr(b, '__module__', 2)
+    return (qa is not None and qa == qb
+            and getattr(a, '__module__', 1) == getattr(b, '__module__', 2))
 
 
 # torchreid's own registries, managed in place so torchreid's builders see plugin entries.

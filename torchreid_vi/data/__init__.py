@@ -10,8 +10,15 @@ integration with torchreid's datamanager.
     >>> 'ModalityBalancedSampler' in list_samplers()
     True
 """
-from .base import (INFRARED, MODALITY_NAMES, VISIBLE, CrossModalDataset, DatasetLayoutError,
-                   clear_parse_cache, parse_cache_info)
+from .base import (
+    INFRARED,
+    MODALITY_NAMES,
+    VISIBLE,
+    CrossModalDataset,
+    DatasetLayoutError,
+    clear_parse_cache,
+    parse_cache_info,
+)
 from .datamanager import CrossModalImageDataManager, install
 from .io import DataFormatError, ImageReadError, read_image
 from .llcm import LLCM

@@ -169,7 +169,8 @@ class CrossModalDataset(tr.data.ImageDataset):
         """Return ``(train, query, gallery)`` lists of ``(path, pid, camid, modality)`` in any
         order (the base sorts them). A missing file may simply raise ``FileNotFoundError``: it
         becomes a :class:`DatasetLayoutError` with the layout sketch."""
-        raise NotImplementedError(f'{type(self).__name__} must implement load_records(dataset_root)')
+        raise NotImplementedError(
+            f'{type(self).__name__} must implement load_records(dataset_root)')
 
     def validate_options(self, options: Dict[str, Any]) -> None:
         """Check option values; raise ``ValueError`` naming the option and the allowed values."""
@@ -270,7 +271,8 @@ class CrossModalDataset(tr.data.ImageDataset):
         return records
 
     def _finalize(self, train, query, gallery):
-        """Validate the three splits and relabel train pids; returns tuples (shared by the cache)."""
+        """Validate the three splits and relabel train pids; returns tuples (shared by the
+        cache)."""
         splits = {}
         for split, records in zip(SPLITS, (train, query, gallery)):
             if not records:

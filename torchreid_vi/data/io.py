@@ -71,7 +71,8 @@ def recording_reads() -> Iterator[list]:
 
 
 def note_read(path: str) -> None:
-    """Tell an active :func:`recording_reads` that ``path`` (a list file or a walked folder) was read."""
+    """Tell an active :func:`recording_reads` that ``path`` (a list file or a walked folder)
+    was read."""
     log = _READS.get()
     if log is not None:
         log.append(path)

@@ -7,7 +7,8 @@ Example::
     >>> s = ModalityBalancedSampler(data, batch_size=8, num_instances=2, seed=0)
     >>> batch_layout(8, 2)
     (2, 2)
-    >>> idx = list(s)[:8]                      # one batch: v(p1) v(p1) v(p2) v(p2) r(p1) r(p1) r(p2) r(p2)
+    >>> # one batch: v(p1) v(p1) v(p2) v(p2) r(p1) r(p1) r(p2) r(p2)
+    >>> idx = list(s)[:8]
     >>> [data[i][3] for i in idx]
     [0, 0, 0, 0, 1, 1, 1, 1]
     >>> [data[i][1] for i in idx[:4]] == [data[i][1] for i in idx[4:]]

@@ -12,8 +12,9 @@ Paths are parsed by components (``cam<c>/<pid>/<n>.jpg``), never by character of
 Example (on a synthetic tree)::
 
     >>> from torchreid_vi.data.sysu_mm01 import SYSUMM01
-    >>> ds = SYSUMM01(root='reid-data', mode='query', search_modes=('all',), shots=(1,))  # doctest: +SKIP
-    >>> ds.summary()['query']['ir']['cams']                                              # doctest: +SKIP
+    >>> ds = SYSUMM01(root='reid-data', mode='query', search_modes=('all',),
+    ...               shots=(1,))                                           # doctest: +SKIP
+    >>> ds.summary()['query']['ir']['cams']                                 # doctest: +SKIP
     [3, 6]
 """
 from __future__ import annotations

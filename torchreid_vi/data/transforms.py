@@ -174,7 +174,8 @@ def _pad_crop(height, width, norm_mean, norm_std):
 
 
 def _pad_crop_zero(height, width, norm_mean, norm_std):
-    """The "bag of tricks" strong baseline (XIV's learner): Pad(10) with black, RandomCrop((H, W))."""
+    """The "bag of tricks" strong baseline (XIV's learner): Pad(10) with black,
+    RandomCrop((H, W))."""
     return T.Compose([T.Pad(10, fill=0), T.RandomCrop((height, width))])
 
 

@@ -12,10 +12,21 @@
 """
 from .evaluator import CrossModalEvaluator, EvalOptions
 from .metrics import CrossModalResult, evaluate_cross_modal
-from .protocols import (PROTOCOLS, EvalSetting, SysuPermutation, agw_seed_gallery,
-                        find_sysu_perm_file, generic_settings, llcm_settings, read_sysu_perm,
-                        regdb_settings, register_protocol, settings_for,
-                        sysu_gallery_official_perm, sysu_settings)
+from .protocols import (
+                        PROTOCOLS,
+                        EvalSetting,
+                        SysuPermutation,
+                        agw_seed_gallery,
+                        find_sysu_perm_file,
+                        generic_settings,
+                        llcm_settings,
+                        read_sysu_perm,
+                        regdb_settings,
+                        register_protocol,
+                        settings_for,
+                        sysu_gallery_official_perm,
+                        sysu_settings,
+)
 from .report import SettingResult, evaluate_settings, format_table
 from .rerank import k_reciprocal_distances, query_only_rerank
 from .rules import CMC_MODES, REMOVALS, SEMANTICS, protocol_rules

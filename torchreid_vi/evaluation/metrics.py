@@ -69,8 +69,14 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .rules import (CMC_MODES, LOCATION_GALLERY_CAM, LOCATION_QUERY_CAM, PRESETS,  # noqa: F401
-                    REMOVALS, resolve_rules)
+from .rules import (  # noqa: F401
+    CMC_MODES,
+    LOCATION_GALLERY_CAM,
+    LOCATION_QUERY_CAM,
+    PRESETS,
+    REMOVALS,
+    resolve_rules,
+)
 
 __all__ = ['CrossModalResult', 'evaluate_cross_modal', 'DEFAULT_REPORT_RANKS', 'BACKENDS']
 
@@ -720,7 +726,7 @@ class _Pool:
     def chunk(self, block: np.ndarray, qp: np.ndarray, qc: np.ndarray):
         """(first, ap, inp, valid), each (T, k), for the k queries whose distance rows over the
         matrix columns are ``block`` (float32)."""
-        T, n, W = self.T, self.n, self.W
+        T, n = self.T, self.n
         k = block.shape[0]
         vals = block if self.all_columns else np.take(block, self.U, axis=1, mode='clip')
         ordered = _ordered_int32(vals)
@@ -793,7 +799,7 @@ class _Pool:
         that grid point is then dropped). The unpacked segment sums, cumulated, give the
         exclusive prefix before each own item.
         """
-        T, n, W, B = self.T, self.n, self.W, self.grid
+        n, W, B = self.n, self.W, self.grid
         k, wo = s.shape
         G = np.take(self.P, table_idx, axis=1, mode='clip').reshape(W, -1)
         grid = np.arange(B, n + 1, B, dtype=np.int64)              # padded positions

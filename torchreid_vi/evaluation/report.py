@@ -25,9 +25,18 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .metrics import (DEFAULT_REPORT_RANKS, CrossModalResult, _as_distance_matrix,
-                      _as_distance_tensor, _default_threads, _evaluate_group, _resolve_backend,
-                      _RowReader, _torch_result, evaluate_cross_modal)
+from .metrics import (
+    DEFAULT_REPORT_RANKS,
+    CrossModalResult,
+    _as_distance_matrix,
+    _as_distance_tensor,
+    _default_threads,
+    _evaluate_group,
+    _resolve_backend,
+    _RowReader,
+    _torch_result,
+    evaluate_cross_modal,
+)
 from .protocols.common import EvalSetting, record_fields
 
 __all__ = ['SettingResult', 'evaluate_settings', 'format_table']

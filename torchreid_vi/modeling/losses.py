@@ -64,7 +64,8 @@ def symmetric_kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     Args: a, b: ``(n, c)`` logits of the same shape. Returns: a scalar.
     """
     if a.shape != b.shape:
-        raise ValueError(f'symmetric_kl needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}')
+        raise ValueError(
+            f'symmetric_kl needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}')
     la, lb = F.log_softmax(a.float(), dim=-1), F.log_softmax(b.float(), dim=-1)
     return ((la.exp() - lb.exp()) * (la - lb)).sum(-1).mean()
 

@@ -46,7 +46,8 @@ def _part_prefix(path: str) -> str:
 
 
 def atomic_write(path: str, write: Callable, *, binary: bool = True) -> str:
-    """Write ``path`` atomically: ``write(f)`` fills an open temporary file, which replaces ``path``.
+    """Write ``path`` atomically: ``write(f)`` fills an open temporary file, which replaces
+    ``path``.
 
     Args:
         path: the final file; its folder is created when missing.

@@ -10,7 +10,7 @@ Example::
     >>> report = load_matching(net, state)
     >>> report.loaded, [k for k, _ in report.skipped]
     (['0.weight'], ['1.weight'])
-    >>> float(net[0].weight.sum())
+    >>> float(net[0].weight.detach().sum())
     6.0
 """
 from __future__ import annotations

@@ -27,8 +27,13 @@ from .common import EvalSetting, agw_seed_gallery, record_fields
 from .generic import generic_settings
 from .llcm import llcm_settings
 from .regdb import regdb_settings
-from .sysu_mm01 import (SysuPermutation, find_sysu_perm_file, read_sysu_perm,
-                        sysu_gallery_official_perm, sysu_settings)
+from .sysu_mm01 import (
+    SysuPermutation,
+    find_sysu_perm_file,
+    read_sysu_perm,
+    sysu_gallery_official_perm,
+    sysu_settings,
+)
 
 __all__ = ['EvalSetting', 'PROTOCOLS', 'settings_for', 'register_protocol', 'sysu_settings',
            'regdb_settings', 'llcm_settings', 'generic_settings', 'agw_seed_gallery',

@@ -14,7 +14,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..rules import CMC_MODES, DIRECTIONS, REMOVALS, SEMANTICS
+from ..rules import CMC_MODES, DIRECTIONS, REMOVALS
 
 __all__ = ['EvalSetting', 'agw_seed_gallery', 'record_fields', 'FolderGroups', 'agw_seed_indices',
            'announce', 'key_suffix', 'check_choice', 'check_subset', 'check_num_trials',

@@ -12,8 +12,16 @@ import numpy as np
 
 from ...data.llcm import TEST_NIR_CAMERAS, TEST_VIS_CAMERAS
 from ..rules import DIRECTIONS, SEMANTICS, protocol_rules
-from .common import (EvalSetting, FolderGroups, agw_seed_indices, check_choice, check_num_trials,
-                     check_subset, key_suffix, record_fields)
+from .common import (
+    EvalSetting,
+    FolderGroups,
+    agw_seed_indices,
+    check_choice,
+    check_num_trials,
+    check_subset,
+    key_suffix,
+    record_fields,
+)
 
 __all__ = ['llcm_settings', 'validate_options', 'settings_for']
 

@@ -22,8 +22,17 @@ import numpy as np
 
 from ...data.sysu_mm01 import GALLERY_SAMPLERS, INFRARED_CAMERAS
 from ..rules import SEMANTICS, protocol_rules
-from .common import (EvalSetting, FolderGroups, agw_seed_indices, announce, check_choice,
-                     check_num_trials, check_subset, key_suffix, record_fields)
+from .common import (
+    EvalSetting,
+    FolderGroups,
+    agw_seed_indices,
+    announce,
+    check_choice,
+    check_num_trials,
+    check_subset,
+    key_suffix,
+    record_fields,
+)
 
 __all__ = ['SysuPermutation', 'read_sysu_perm', 'find_sysu_perm_file', 'sysu_gallery_official_perm',
            'sysu_settings', 'validate_options', 'settings_for', 'SEARCH_MODE_CAMERAS',

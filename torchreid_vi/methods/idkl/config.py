@@ -28,7 +28,8 @@ def add_config(cfg: CfgNode) -> None:
 
     cfg.idkl.ip = node()  # information purifier
     cfg.idkl.ip.weight = 0.1  # lambda1, weight of L_e + L_r
-    cfg.idkl.ip.mask_mode = 'pixel'  # 'pixel' (code: per-position masks) | 'se' (paper: channel masks)
+    # 'pixel' (code: per-position masks) | 'se' (paper: channel masks)
+    cfg.idkl.ip.mask_mode = 'pixel'
     cfg.idkl.ip.loss_form = 'code'  # 'code' (exp-hinge / ReLU hinge) | 'paper' (softplus)
 
     cfg.idkl.tgsa = node()  # feature-level distillation + MDR feature part

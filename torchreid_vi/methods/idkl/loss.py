@@ -71,7 +71,8 @@ class CanonicalViews(NamedTuple):
         return self.vis.shape[1]
 
     def take(self, x: torch.Tensor):
-        """``(B, ...) -> ((N, ...), (N, ...))`` rows of ``x`` in canonical visible / infrared order."""
+        """``(B, ...) -> ((N, ...), (N, ...))`` rows of ``x`` in canonical visible / infrared
+        order."""
         return x.index_select(0, self.vis.reshape(-1)), x.index_select(0, self.ir.reshape(-1))
 
 
@@ -125,9 +126,9 @@ def _layout_error(pids, modalities, m, num_ids) -> str:
     shown = ', '.join(f'{pid}: vis {c.get(VISIBLE, 0)} ir {c.get(INFRARED, 0)}'
                       for pid, c in list(counts.items())[:8])
     other = sorted({mod for mod in modalities.tolist()} - {VISIBLE, INFRARED})
-    return (f'IDKL batch layout: expected {num_ids} identities with exactly {m} visible (0) and {m} '
-            f'infrared (1) images each (train.batch_size = 2·P·m, sampler.num_instances = m = {m}, '
-            f'sampler.train_sampler ModalityBalancedSampler); got {len(counts)} identities '
+    return (f'IDKL batch layout: expected {num_ids} identities with exactly {m} visible (0) and '
+            f'{m} infrared (1) images each (train.batch_size = 2·P·m, sampler.num_instances = m = '
+            f'{m}, sampler.train_sampler ModalityBalancedSampler); got {len(counts)} identities '
             f'({shown}{", ..." if len(counts) > 8 else ""})'
             + (f'; unknown modality codes {other}' if other else ''))
 
@@ -164,7 +165,8 @@ def off_diagonal_distances(s: torch.Tensor, t: torch.Tensor = None) -> torch.Ten
     """R(S): ``(n, d) -> (n, n−1)`` Euclidean distances, diagonal deleted (spec §3 building blocks).
 
     ``D_ij = sqrt(max(|s_i|² + |s_j|² − 2 s_i·s_j, 1e-6))`` in float32. With ``t`` (``(n, d)``)
-    the cross-set version A(S; T): rows ``s_i``, columns ``t_j``, the paired entry ``j = i`` deleted.
+    the cross-set version A(S; T): rows ``s_i``, columns ``t_j``, the paired entry ``j = i``
+    deleted.
     """
     return off_diagonal(pairwise_distance(s, s if t is None else t, eps=DISTANCE_EPS))
 
@@ -190,10 +192,12 @@ def entropy(logits: torch.Tensor) -> torch.Tensor:
 
 
 def discrimination_enhancing_loss(e_fd: torch.Tensor, e_f: torch.Tensor, form: str = 'code'):
-    """L_e from C_e logits of the masked (``e_fd``) and unmasked (``e_f``) features, ``(B, C)`` each.
+    """L_e from C_e logits of the masked (``e_fd``) and unmasked (``e_f``) features, ``(B, C)``
+    each.
 
     ``code``: mean_i exp(max(0, H(e_fd,i) − H(e_f,i))) − 1 (zero when masking never raises the
-    entropy); ``paper``: mean_i softplus(H(e_fd,i) − H(e_f,i)) (softplus(0) = ln 2: never exactly 0).
+    entropy); ``paper``: mean_i softplus(H(e_fd,i) − H(e_f,i)) (softplus(0) = ln 2: never
+    exactly 0).
     """
     gap = entropy(e_fd) - entropy(e_f)
     if form == 'code':
@@ -227,7 +231,8 @@ def discrepancy_reducing_loss(r_fm: torch.Tensor, r_f: torch.Tensor, views: Cano
 
 def tgsa_terms(f_sh: torch.Tensor, f_sp: torch.Tensor, views: CanonicalViews,
                mdr_weights: Sequence[float] = (1.0, 1.0, 1.0), cross_mode: str = 'mixed_set'):
-    """TGSA distillation T_dist and the MDR feature part T_mdr (spec §3.5), pre-BN ``(B, d)`` inputs.
+    """TGSA distillation T_dist and the MDR feature part T_mdr (spec §3.5), pre-BN ``(B, d)``
+    inputs.
 
     Returns ``(t_dist, t_mdr)``::
 
@@ -242,7 +247,8 @@ def tgsa_terms(f_sh: torch.Tensor, f_sp: torch.Tensor, views: CanonicalViews,
     sh_v, sh_i = views.take(f_sh.float())
     sp_v, sp_i = views.take(f_sp.float())
     a_v, a_i = off_diagonal_distances(sh_v), off_diagonal_distances(sh_i)
-    t_dist = symmetric_kl(a_v, off_diagonal_distances(sp_v)) + symmetric_kl(a_i, off_diagonal_distances(sp_i))
+    t_dist = (symmetric_kl(a_v, off_diagonal_distances(sp_v))
+              + symmetric_kl(a_i, off_diagonal_distances(sp_i)))
     w1, w2, w3 = (float(w) for w in mdr_weights)
     t_mdr = w1 * symmetric_kl(a_v, a_i)
     if w2 or w3:
@@ -257,7 +263,8 @@ def tgsa_terms(f_sh: torch.Tensor, f_sp: torch.Tensor, views: CanonicalViews,
         elif cross_mode == 'cross_modal':
             a_x = off_diagonal_distances(sh_v, sh_i)
         else:
-            raise ValueError(f'idkl.tgsa.cross_mode must be one of {CROSS_MODES}, got {cross_mode!r}')
+            raise ValueError(
+                f'idkl.tgsa.cross_mode must be one of {CROSS_MODES}, got {cross_mode!r}')
         t_mdr = t_mdr + w2 * symmetric_kl(a_v, a_x) + w3 * symmetric_kl(a_x, a_i)
     return t_dist, t_mdr
 
@@ -319,7 +326,8 @@ class IDKLLoss(nn.Module):
             if value not in allowed:
                 raise ValueError(f'{key} must be one of {allowed}, got {value!r}')
         if len(tuple(tgsa_mdr_weights)) != 3:
-            raise ValueError(f'idkl.tgsa.mdr_weights needs 3 values (w1, w2, w3), got {tgsa_mdr_weights!r}')
+            raise ValueError('idkl.tgsa.mdr_weights needs 3 values (w1, w2, w3), '
+                             f'got {tgsa_mdr_weights!r}')
         if int(num_instances) < 1:
             raise ValueError(f'sampler.num_instances must be >= 1 for IDKL, got {num_instances!r}')
         self.num_instances = int(num_instances)
@@ -365,22 +373,25 @@ class IDKLLoss(nn.Module):
         f_sh, f_sp = outputs['f_sh'].float(), outputs['f_sp'].float()
         z_sh, z_sp = outputs['z_sh'].float(), outputs['z_sp'].float()
         terms = {}
-        terms['tri_sh'] = batch_hard_triplet(pairwise_distance(f_sh, f_sh, eps=TRIPLET_EPS), pids, pids,
-                                            self.margin).mean()
-        terms['tri_sp'] = batch_hard_triplet(pairwise_distance(f_sp, f_sp, eps=TRIPLET_EPS), pids, pids,
-                                            self.margin).mean()
+        terms['tri_sh'] = batch_hard_triplet(pairwise_distance(f_sh, f_sh, eps=TRIPLET_EPS), pids,
+                                             pids, self.margin).mean()
+        terms['tri_sp'] = batch_hard_triplet(pairwise_distance(f_sp, f_sp, eps=TRIPLET_EPS), pids,
+                                             pids, self.margin).mean()
         terms['tri'] = terms['tri_sh'] + terms['tri_sp']
         terms['ce'] = cross_entropy(z_sh, pids)
         terms['id_pl'] = cross_entropy(z_sp, pids)
         terms['unad'] = cross_entropy(outputs['d_logits'], modalities.long())
-        confuser_labels = (pseudo_modality_labels(views, pids.numel()) if self.confuser_mode == 'pseudo'
-                           else modalities.long())
+        confuser_labels = (pseudo_modality_labels(views, pids.numel())
+                           if self.confuser_mode == 'pseudo' else modalities.long())
         terms['pse'] = cross_entropy(outputs['q_logits'], confuser_labels)
-        terms['F_p'] = discrimination_enhancing_loss(outputs['e_Fd'], outputs['e_F'], self.ip_loss_form)
-        terms['IN_p'] = discrepancy_reducing_loss(outputs['r_Fm'], outputs['r_F'], views, self.ip_loss_form)
+        terms['F_p'] = discrimination_enhancing_loss(outputs['e_Fd'], outputs['e_F'],
+                                                     self.ip_loss_form)
+        terms['IN_p'] = discrepancy_reducing_loss(outputs['r_Fm'], outputs['r_F'], views,
+                                                  self.ip_loss_form)
         zero = f_sh.new_zeros(())
         if self.tgsa_enabled:
-            t_dist, t_mdr = tgsa_terms(f_sh, f_sp, views, self.tgsa_mdr_weights, self.tgsa_cross_mode)
+            t_dist, t_mdr = tgsa_terms(f_sh, f_sp, views, self.tgsa_mdr_weights,
+                                       self.tgsa_cross_mode)
             terms['soft_dt'] = t_mdr + self.tgsa_distill_weight * t_dist
         else:
             t_dist = t_mdr = terms['soft_dt'] = zero

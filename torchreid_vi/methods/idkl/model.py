@@ -3,13 +3,14 @@ Person Re-Identification", CVPR 2024), as the released code computes it.
 
 Structure (spec ``idkl.md`` §2)::
 
-    x ─ Θ (conv1, bn1, relu, maxpool, layer1, layer2; shared) ─┬─ Φ (layer3, layer4; shared deep)
-                                                                │     └ GeM → f_sh → BN_sh → b_sh → C_sh → z_sh
-                                                                │                          b_sh → Q (confuser) → q_logits
-                                                                └─ Ψ (own copy of layer3, layer4; specific deep) → F
-                                                                      └ Information Purifier → F̃ → GeM → f_sp
-                                                                        f_sp → BN_sp → b_sp → C_sp → z_sp
-                                                                                       b_sp → D (discriminator)
+    x ─ Θ (conv1, bn1, relu, maxpool, layer1, layer2; shared)
+        └─┬─ Φ (layer3, layer4; shared deep)
+          │     └ GeM → f_sh → BN_sh → b_sh → C_sh → z_sh
+          │                          b_sh → Q (confuser) → q_logits
+          └─ Ψ (own copy of layer3, layer4; specific deep) → F
+                └ Information Purifier → F̃ → GeM → f_sp
+                  f_sp → BN_sp → b_sp → C_sp → z_sp
+                                 b_sp → D (discriminator)
 
 * last stride 1 in both layer4 copies; GeM with fixed p = 3; BNNecks with a frozen zero bias;
   bias-free classifiers; one label-free classifier ``C_e`` used only by the purifier's
@@ -136,8 +137,10 @@ class ModalityHead(nn.Module):
     def __init__(self, dim: int, hidden: int = 100, num_modalities: int = 2, dropout: float = 0.5):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
-            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Dropout(dropout),
+            nn.Linear(dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_modalities),
         )
 
@@ -216,7 +219,8 @@ class IDKLNet(nn.Module):
         self._confuser_mode = mode
 
     def confuse(self, b_sh: torch.Tensor) -> torch.Tensor:
-        """Confuser logits ``(B, 2)``: ``Q(b_sh)`` (pseudo mode) or ``Q(GRL_α(b_sh))`` (grl mode)."""
+        """Confuser logits ``(B, 2)``: ``Q(b_sh)`` (pseudo mode) or ``Q(GRL_α(b_sh))``
+        (grl mode)."""
         if self._confuser_mode == 'grl':
             b_sh = grad_reverse(b_sh, self.grl_alpha)
         return self.confuser(b_sh)
@@ -273,7 +277,8 @@ def idkl_resnet18(num_classes, loss='idkl', pretrained=True, use_gpu=True, **opt
 
 
 def register_models():
-    """Register ``idkl_resnet50`` and ``idkl_resnet18`` in torchreid's model factory (idempotent)."""
+    """Register ``idkl_resnet50`` and ``idkl_resnet18`` in torchreid's model factory
+    (idempotent)."""
     from ...registry import register_model
     from .config import model_options
 

@@ -45,8 +45,13 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ...modeling.backbones import (IMAGENET_MEAN, IMAGENET_STD, pooled_backbone,
-                                   torchreid_densenet121, torchreid_resnet)
+from ...modeling.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    pooled_backbone,
+    torchreid_densenet121,
+    torchreid_resnet,
+)
 from ...modeling.layers import BNNeck
 from .config import GENERATOR_KINDS, TEST_FEATURES
 
