@@ -169,6 +169,39 @@ def test_results_json_keeps_every_evaluation_across_resume_and_evaluation_only(s
     assert data['evaluations'][-1]['metrics'] == data['evaluations'][-2]['metrics']
 
 
+class _Killed(BaseException):
+    """Stands for SIGKILL: nothing in the run gets to handle it."""
+
+
+@pytest.mark.parametrize('killed_at', [1, 2])
+def test_a_run_killed_during_an_evaluation_makes_it_when_resumed(small_sysu, tmp_path,
+                                                                 monkeypatch, killed_at):
+    root, _ = small_sysu
+    run = tmp_path / 'run'
+    opts = ['train.max_epoch', '2', 'test.eval_freq', '1']
+    original = CrossModalEngine.evaluate_cross_modal_target
+
+    def dies_at_epoch(self, *a, **k):
+        if self.epoch + 1 == killed_at:
+            raise _Killed
+        return original(self, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(CrossModalEngine, 'evaluate_cross_modal_target', dies_at_epoch)
+        with pytest.raises(_Killed):
+            _run(root, run, *opts)
+    assert [e['epoch'] for e in json.load(open(run / 'results.json'))['evaluations']] == \
+        list(range(1, killed_at))
+    steps = _steps_logged(run)
+    assert _run(root, run, *opts, 'model.resume', 'auto') == 0
+    evaluations = json.load(open(run / 'results.json'))['evaluations']
+    assert [(e['epoch'], os.path.basename(e['checkpoint']), e['final']) for e in evaluations] == \
+        [(1, 'model.pth.tar-1', False), (2, 'model.pth.tar-2', True)]
+    # the resumed run trained only the epochs that were left
+    assert _steps_logged(run) - steps == (2 - killed_at) * STEPS_PER_EPOCH
+    # once every evaluation is there, resuming a finished run is a user mistake again
+    assert _run(root, run, *opts, 'model.resume', 'auto') == 2
+
+
 # ------------------------------------------------------------------------------ the lock
 def test_a_live_run_locks_its_save_dir_and_a_stale_lock_is_taken_over(small_sysu, tmp_path,
                                                                        capsys):
@@ -265,6 +298,18 @@ def test_keep_last_keeps_the_newest_periodic_checkpoints_and_the_evaluated_ones(
     names = sorted(os.listdir(run / 'model'))
     # the checkpoints evaluations came from (3, final 6) are kept; of the others, the newest 2
     assert names == [f'model.pth.tar-{e}' for e in (3, 4, 5, 6)]
+
+
+def test_keep_last_after_a_resume_keeps_the_checkpoints_earlier_runs_evaluated(small_sysu,
+                                                                              tmp_path):
+    root, _ = small_sysu
+    run = tmp_path / 'run'
+    opts = ['vi.train.checkpoint_freq', '1', 'vi.train.keep_last', '1', 'test.eval_freq', '3']
+    assert _run(root, run, 'train.max_epoch', '4', *opts) == 0
+    assert _run(root, run, 'train.max_epoch', '7', *opts, 'model.resume', 'auto') == 0
+    # 3 and 4 were evaluated by the first run, 6 and 7 by the resumed one; 5 is the newest
+    # periodic one (keep_last 1)
+    assert sorted(os.listdir(run / 'model')) == [f'model.pth.tar-{e}' for e in (3, 4, 5, 6, 7)]
 
 
 def test_checkpoints_and_results_follow_the_umask(small_sysu, tmp_path):

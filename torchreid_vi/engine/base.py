@@ -8,7 +8,9 @@ single-modality targets, the console and tensorboard log format) and replaces ``
   batches with per-sample augmentation seeds, sliced across ranks under ``torchrun``, resumable
   mid-epoch;
 * **weights first**: a checkpoint is written before every evaluation (the final one included); if
-  an evaluation fails, :class:`EvaluationFailed` names the checkpoint that holds the weights;
+  an evaluation fails, :class:`EvaluationFailed` names the checkpoint that holds the weights; a
+  run resumed from a checkpoint whose due evaluation is missing from ``results.json`` (it was
+  killed during it) makes that evaluation first;
 * **checkpoints** are atomic, hold everything a resume needs (model, optimizer, scheduler,
   GradScaler, every rank's RNG states, the loader's position in the epoch) and are pruned to the
   last ``keep_last`` periodic ones only after the new one is on disk;
@@ -46,8 +48,14 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from .._torchreid import tr
-from ..checkpoint import (load_checkpoint, resume_from_checkpoint, rng_state, save_checkpoint,
-                          set_rng_state, training_state)
+from ..checkpoint import (
+    load_checkpoint,
+    resume_from_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    training_state,
+)
 from ..data.base import VISIBLE, CrossModalDataset
 from ..data.loader import EpochBatchSampler
 from ..evaluation.evaluator import CrossModalEvaluator, FeatureDict
@@ -198,6 +206,7 @@ class CrossModalEngine(tr.engine.Engine):
         self.config_dump = None  # the run's config as yaml text, stored in checkpoints
         self.last_checkpoint: Optional[str] = None
         self._resume_loader_state = None
+        self._resumed_end_of_epoch = None  # set by resume(): its evaluation may be missing
         self._stop_signal: Optional[int] = None
         self._trainable = ({id(p): p.requires_grad for p in self.model.parameters()}
                            if self.model is not None else {})
@@ -285,6 +294,16 @@ class CrossModalEngine(tr.engine.Engine):
             self.epoch = start_epoch - 1  # evaluations are labelled with finished epochs
             self._evaluate(final=True, checkpoint=self.last_checkpoint)
             return
+        if self._resumed_evaluation_missing(start_epoch, max_epoch, start_eval, eval_freq):
+            # the previous run stopped during this evaluation: its weights are on disk, so the
+            # evaluation is made now, before training continues (or instead, after the last epoch)
+            final = start_epoch == max_epoch
+            print(f'=> results.json has no evaluation of {self.last_checkpoint} (epoch '
+                  f'{start_epoch}); the previous run stopped during it: evaluating it now')
+            self.epoch = start_epoch - 1
+            self._evaluate(final=final, checkpoint=self.last_checkpoint)
+            if final:
+                return
         if max_epoch <= start_epoch:
             raise NothingToTrain(
                 f'nothing to train: train.max_epoch={max_epoch} and the run starts after '
@@ -321,6 +340,26 @@ class CrossModalEngine(tr.engine.Engine):
             self.writer.close()
             self.writer = None
 
+    def _resumed_evaluation_missing(self, start_epoch: int, max_epoch: int, start_eval: int,
+                                    eval_freq: int) -> bool:
+        """Whether the end-of-epoch checkpoint this run resumed from, one of this save_dir's
+        own, was due an evaluation (the final one, or the ``eval_freq`` schedule) that
+        ``results.json`` lacks for some target. Decided on rank 0 and broadcast."""
+        path = self._resumed_end_of_epoch
+        # only this save_dir's own checkpoints: another run's weights were evaluated there
+        folder = osp.join(self.save_dir, 'model')
+        own = bool(path) and osp.isdir(folder) and osp.samefile(osp.dirname(osp.abspath(path)),
+                                                                folder)
+        due = own and start_epoch > 0 and (start_epoch == max_epoch or (
+            eval_freq > 0 and start_epoch >= start_eval and start_epoch % eval_freq == 0))
+        missing = False
+        if due and dist_utils.is_main_process() and self.results is not None:
+            done = {e.get('dataset') for e in self.results.data()['evaluations']
+                    if e.get('epoch') == start_epoch and e.get('checkpoint')
+                    and osp.basename(e['checkpoint']) == osp.basename(path)}
+            missing = not set(self.test_loader) <= done
+        return bool(dist_utils.broadcast_object(missing)) if due else False
+
     def _evaluate(self, final: bool, checkpoint: Optional[str]) -> None:
         """Evaluate on rank 0 (the others wait); a failure becomes :class:`EvaluationFailed`."""
         error = None
@@ -337,7 +376,8 @@ class CrossModalEngine(tr.engine.Engine):
                 set_rng_state(state)
         error = dist_utils.broadcast_object(error)
         if error is not None:
-            what = 'the final evaluation' if final else f'the evaluation after epoch {self.epoch + 1}'
+            what = ('the final evaluation' if final
+                    else f'the evaluation after epoch {self.epoch + 1}')
             raise EvaluationFailed(f'{what} failed: {error}', checkpoint,
                                    self.epoch + 1) from (cause if dist_utils.is_main_process()
                                                          else None)
@@ -451,7 +491,7 @@ class CrossModalEngine(tr.engine.Engine):
                 f'{terms}. ' + (f'The last good checkpoint is {last}; resume from it with a lower '
                                 f'train.lr' if last else 'No checkpoint was written yet; lower '
                                                          'train.lr') + ' (the weights in memory '
-                f'are not saved)', last)
+                'are not saved)', last)
 
     def _preempt(self, signum: int) -> None:
         path = self.save_interrupted(self.save_dir)
@@ -509,7 +549,11 @@ class CrossModalEngine(tr.engine.Engine):
             os.unlink(interrupted)
         if not self.keep_last:
             return
+        # kept: the ones evaluations came from, this run's and (after a resume) earlier runs'
         kept = getattr(self, '_kept', set())
+        if self.results is not None:
+            kept = kept | {osp.join(folder, osp.basename(e['checkpoint']))
+                           for e in self.results.data()['evaluations'] if e.get('checkpoint')}
         numbered = []
         for p in glob.glob(osp.join(folder, _CKPT_PREFIX + '*')):
             suffix = p.rsplit('-', 1)[1]
@@ -541,6 +585,7 @@ class CrossModalEngine(tr.engine.Engine):
                 print(f'Note: the train loader cannot resume mid-epoch; epoch '
                       f'{int(ckpt["epoch"]) + 1} restarts from its first step')
         self.last_checkpoint = path
+        self._resumed_end_of_epoch = path if ckpt.get('step') is None else None
         return int(ckpt['epoch'])
 
     def checkpoint_epoch(self, path: str) -> int:
