@@ -25,8 +25,10 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import warnings
 from typing import Any, List, Optional
 
 import torch
@@ -118,6 +120,17 @@ def all_gather_objects(obj: Any) -> List[Any]:
     return out
 
 
+@contextlib.contextmanager
+def _public_autograd_collectives():
+    """Silence the FutureWarning of ``torch.distributed.nn.functional`` (torch >= 2.14): the
+    replacement it names lives in the private ``torch.distributed._functional_collectives``, and
+    the public functions still work on every supported torch."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', category=FutureWarning,
+                                message=r'torch\.distributed\.nn\.functional\.')
+        yield
+
+
 def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, in rank order, **with gradient**.
 
@@ -131,7 +144,8 @@ def gather_batch(tensor: torch.Tensor) -> torch.Tensor:
         return tensor
     if tensor.requires_grad:
         from torch.distributed.nn.functional import all_gather
-        return torch.cat(all_gather(tensor))
+        with _public_autograd_collectives():
+            return torch.cat(all_gather(tensor))
     out = [torch.empty_like(tensor) for _ in range(world_size())]
     dist.all_gather(out, tensor.contiguous())
     return torch.cat(out)
@@ -165,7 +179,8 @@ class CPUSyncBatchNorm(_BatchNorm):
         x = input.double()
         count = torch.tensor([float(input.numel() // input.size(1))], dtype=torch.float64,
                              device=input.device)
-        stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        with _public_autograd_collectives():
+            stats = all_reduce(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
         c = input.size(1)
         n = stats[-1]
         mean = stats[:c] / n
