@@ -9,6 +9,7 @@ import urllib.error
 import torch
 
 from torchreid_vi import cli
+from torchreid_vi._torchreid import tr
 from torchreid_vi.checkpoint import load_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +68,7 @@ def test_train_resume_equals_uninterrupted_run(sysu_root, tmp_path):
     (run,) = results['runs']
     assert run['config']['model']['name'] == 'resnet18' and run['kind'] == 'train'
     env = run['environment']
-    assert env['torchreid_layout'] == 'pypi' and env['device'] == 'cpu'
+    assert env['torchreid_layout'] == tr.layout and env['device'] == 'cpu'
     assert env['torch'].startswith('2.') and env['torchvision']
     (evaluation,) = results['evaluations']
     assert evaluation['epoch'] == 2 and evaluation['dataset'] == 'sysu_mm01'

@@ -49,9 +49,13 @@ def _fake_package(root, prefix, body=''):
         (pkg / sub / '__init__.py').write_text(body if sub == 'data' else '')
 
 
-def test_resolver_uses_pypi_layout_here():
-    assert tr.layout == 'pypi' and tr.prefix == 'torchreid.reid'
-    assert tr.data.ImageDataManager.__module__.startswith('torchreid.reid')
+def test_resolver_uses_the_installed_layout():
+    # PyPI's wheel nests the package under torchreid.reid; a source install of upstream does not
+    import importlib.util
+    expected = ('pypi', 'torchreid.reid') if importlib.util.find_spec('torchreid.reid') else (
+        'upstream', 'torchreid')
+    assert (tr.layout, tr.prefix) == expected
+    assert tr.data.ImageDataManager.__module__.startswith(tr.prefix + '.')
 
 
 def test_resolver_falls_back_to_upstream_layout(tmp_path):

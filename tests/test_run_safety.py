@@ -169,6 +169,33 @@ def test_results_json_keeps_every_evaluation_across_resume_and_evaluation_only(s
     assert data['evaluations'][-1]['metrics'] == data['evaluations'][-2]['metrics']
 
 
+def _scalars(save_dir):
+    """{tag: [(step, value), ...]} of every tensorboard event file directly in ``save_dir``."""
+    from tensorboard.backend.event_processing import event_accumulator
+    out = {}
+    for path in sorted(glob.glob(os.path.join(str(save_dir), 'events.out.tfevents.*'))):
+        acc = event_accumulator.EventAccumulator(path, size_guidance={
+            event_accumulator.SCALARS: 0})
+        acc.Reload()
+        for tag in acc.Tags()['scalars']:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def test_an_evaluation_only_run_writes_tensorboard_events_at_the_checkpoint_epoch(small_sysu,
+                                                                                   tmp_path):
+    root, _ = small_sysu
+    assert _run(root, tmp_path / 'train', 'train.max_epoch', '2') == 0
+    trained = _scalars(tmp_path / 'train')
+    assert 'Train/lr' in trained and 'Test/sysu_mm01/rank1' in trained
+    ckpt = str(tmp_path / 'train' / 'model' / 'model.pth.tar-2')
+    assert _run(root, tmp_path / 'eval', 'test.evaluate', 'True', 'model.load_weights',
+                ckpt) == 0
+    evaluated = _scalars(tmp_path / 'eval')
+    assert evaluated['Test/sysu_mm01/rank1'] == trained['Test/sysu_mm01/rank1']  # step 2
+    assert not any(tag.startswith('Train/') for tag in evaluated)
+
+
 class _Killed(BaseException):
     """Stands for SIGKILL: nothing in the run gets to handle it."""
 
@@ -198,8 +225,11 @@ def test_a_run_killed_during_an_evaluation_makes_it_when_resumed(small_sysu, tmp
         [(1, 'model.pth.tar-1', False), (2, 'model.pth.tar-2', True)]
     # the resumed run trained only the epochs that were left
     assert _steps_logged(run) - steps == (2 - killed_at) * STEPS_PER_EPOCH
-    # once every evaluation is there, resuming a finished run is a user mistake again
-    assert _run(root, run, *opts, 'model.resume', 'auto') == 2
+    # relaunching the complete run (a requeued job) succeeds and changes nothing
+    steps = _steps_logged(run)
+    assert _run(root, run, *opts, 'model.resume', 'auto') == 0
+    assert json.load(open(run / 'results.json'))['evaluations'] == evaluations
+    assert _steps_logged(run) == steps and 'is complete' in _log(run)
 
 
 # ------------------------------------------------------------------------------ the lock

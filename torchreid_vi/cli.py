@@ -326,11 +326,20 @@ def run(cfg, command: Optional[List[str]] = None) -> object:
         engine.results = ResultsFile(osp.join(cfg.data.save_dir, 'results.json'), cfg, env,
                                      kind='evaluate' if cfg.test.evaluate else 'train',
                                      command=command)
-    engine.run(save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
-               start_epoch=start_epoch, print_freq=cfg.train.print_freq,
-               fixbase_epoch=cfg.train.fixbase_epoch, open_layers=cfg.train.open_layers,
-               start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq,
-               test_only=cfg.test.evaluate)
+    from .engine.base import NothingToTrain
+    try:
+        engine.run(save_dir=cfg.data.save_dir, max_epoch=cfg.train.max_epoch,
+                   start_epoch=start_epoch, print_freq=cfg.train.print_freq,
+                   fixbase_epoch=cfg.train.fixbase_epoch, open_layers=cfg.train.open_layers,
+                   start_eval=cfg.test.start_eval, eval_freq=cfg.test.eval_freq,
+                   test_only=cfg.test.evaluate)
+    except NothingToTrain:
+        # a relaunched job (e.g. requeued after preemption) finds its run complete: that is
+        # success, not a mistake; an explicit checkpoint past max_epoch stays an error
+        if cfg.model.resume != 'auto' or start_epoch != cfg.train.max_epoch:
+            raise
+        print(f'=> model.resume auto: the run in {cfg.data.save_dir} is complete ({start_epoch} '
+              f'of {cfg.train.max_epoch} epochs, its evaluations in results.json); nothing to do')
     return engine
 
 

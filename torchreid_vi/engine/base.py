@@ -290,8 +290,25 @@ class CrossModalEngine(tr.engine.Engine):
                                     use_metric_cuhk03=use_metric_cuhk03, ranks=ranks,
                                     rerank=rerank)
         self.save_dir = save_dir
+        try:
+            self._run(max_epoch, start_epoch, print_freq, fixbase_epoch, open_layers, start_eval,
+                      eval_freq, test_only)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+                self.writer = None
+
+    def _open_writer(self) -> None:
+        """Tensorboard events of every run, evaluation-only ones too (rank 0 writes them)."""
+        if self.writer is None and dist_utils.is_main_process():
+            from torch.utils.tensorboard import SummaryWriter
+            self.writer = SummaryWriter(log_dir=self.save_dir)
+
+    def _run(self, max_epoch, start_epoch, print_freq, fixbase_epoch, open_layers, start_eval,
+             eval_freq, test_only):
         if test_only:
             self.epoch = start_epoch - 1  # evaluations are labelled with finished epochs
+            self._open_writer()
             self._evaluate(final=True, checkpoint=self.last_checkpoint)
             return
         if self._resumed_evaluation_missing(start_epoch, max_epoch, start_eval, eval_freq):
@@ -301,7 +318,9 @@ class CrossModalEngine(tr.engine.Engine):
             print(f'=> results.json has no evaluation of {self.last_checkpoint} (epoch '
                   f'{start_epoch}); the previous run stopped during it: evaluating it now')
             self.epoch = start_epoch - 1
-            self._evaluate(final=final, checkpoint=self.last_checkpoint)
+            self._open_writer()
+            with self._stop_signals():  # SIGTERM: finish it, then stop after the next step
+                self._evaluate(final=final, checkpoint=self.last_checkpoint)
             if final:
                 return
         if max_epoch <= start_epoch:
@@ -313,10 +332,8 @@ class CrossModalEngine(tr.engine.Engine):
         if fixbase_epoch and dist_utils.is_distributed():
             raise ValueError('train.fixbase_epoch is not supported with torchrun: DDP needs the '
                              'same trainable parameters at every step; use fixbase_epoch 0')
-        from torch.utils.tensorboard import SummaryWriter
-        if self.writer is None and dist_utils.is_main_process():
-            self.writer = SummaryWriter(log_dir=save_dir)
         self.start_epoch, self.max_epoch = start_epoch, max_epoch
+        self._open_writer()
         time_start = time.time()
         print('=> Start training')
         with self._stop_signals():
@@ -330,15 +347,12 @@ class CrossModalEngine(tr.engine.Engine):
                 periodic = self.checkpoint_freq > 0 and done % self.checkpoint_freq == 0
                 if evaluate or periodic:
                     # weights first: the checkpoint is on disk before anything that can fail
-                    path = self.save_model(self.epoch, None, save_dir, keep=final or evaluate)
+                    path = self.save_model(self.epoch, None, self.save_dir, keep=final or evaluate)
                 if evaluate:
                     if final:
                         print('=> Final test')
                     self._evaluate(final=final, checkpoint=path)
         print(f'Elapsed {time.strftime("%H:%M:%S", time.gmtime(time.time() - time_start))}')
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
 
     def _resumed_evaluation_missing(self, start_epoch: int, max_epoch: int, start_eval: int,
                                     eval_freq: int) -> bool:
