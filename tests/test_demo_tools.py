@@ -106,3 +106,54 @@ def test_plot_run_names_what_is_missing_when_one_input_is_absent(tmp_path):
     write_results(tmp_path, with_cmc=False)
     with pytest.raises(pr.RunDataMissing, match='mean_cmc'):
         pr.plot_run(str(tmp_path), only='cmc')
+
+
+# ------------------------------------------------------------------------------------------------
+# demo helpers (no training)
+
+def test_demo_data_is_made_once_reused_and_remade_when_the_arguments_change(tmp_path, capsys):
+    from torchreid_vi.tools import demo
+    args = {'seed': 0, 'num_ids': 30, 'num_test_ids': 8, 'size': (32, 16)}
+    root = demo.prepare_data(str(tmp_path), args)
+    stamp = json.loads((tmp_path / 'data' / 'synthetic.json').read_text())
+    assert stamp['arguments'] == {**args, 'size': [32, 16]} and stamp['test_ids'] == 8
+    assert stamp['train_ids'] > 8 and stamp['query_images'] > 0
+    marker = tmp_path / 'data' / 'SYSU-MM01' / 'exp' / 'test_id.txt'
+    before = marker.stat().st_mtime_ns
+    assert demo.prepare_data(str(tmp_path), args) == root
+    assert 'reusing' in capsys.readouterr().out and marker.stat().st_mtime_ns == before
+    demo.prepare_data(str(tmp_path), dict(args, num_test_ids=6))
+    assert 're-making' in capsys.readouterr().out
+    assert json.loads((tmp_path / 'data' / 'synthetic.json').read_text())['test_ids'] == 6
+    (tmp_path / 'data' / 'synthetic.json').unlink()  # a tree the demo did not make is never deleted
+    with pytest.raises(FileExistsError, match='synthetic.json'):
+        demo.prepare_data(str(tmp_path), args)
+    assert marker.exists()
+
+
+def test_training_span_reads_the_first_and_last_training_step_times(tmp_path):
+    from torchreid_vi.tools.demo import training_span
+    assert training_span(str(tmp_path)) is None
+    write_events(tmp_path, steps=4)
+    first, last = training_span(str(tmp_path))
+    assert 1e9 < first <= last  # wall-clock seconds since the epoch
+
+
+def test_summary_has_the_results_chance_baseline_pictures_and_stage_times():
+    from torchreid_vi.tools.demo import summary_markdown
+    metrics = {k: {'rank1': 0.5 + 0.01 * i, 'rank10': 0.9, 'mAP': 0.45, 'mINP': 0.3}
+               for i, k in enumerate(SETTINGS)}
+    chance = {k: {'rank1': 0.04, 'mAP': 0.094} for k in SETTINGS}
+    baseline = {k: {'rank1': 0.35, 'mAP': 0.33} for k in SETTINGS}
+    text = summary_markdown('xiv', metrics, chance, baseline,
+                            [('synthetic data', 9.0), ('xiv run: training', 150.0)], 200.0,
+                            (1.0, 0.5, 0.2), (1.5, 0.9, 0.3), {'train_ids': 200, 'test_ids': 24},
+                            {'text': 'xiv_resnet18', 'threads': 2},
+                            {'cmc': 'xiv/cmc.png', 'training': 'xiv/training.png'}, [])
+    assert f'| {SETTINGS[0]} | 50.00 | 90.00 | 45.00 | 30.00 | 4.00 | 9.40 |' in text
+    assert '| baseline (L_V + L_I; no X, no CMG, no fusion) | 35.00 | 33.00 | 4.00 | 9.40 |' in text
+    assert '](xiv/cmc.png)' in text and '](xiv/training.png)' in text
+    assert '| xiv run: training | 150.0 |' in text and '**200.0**' in text
+    assert '1.00 / 0.50 / 0.20' in text and '1.50 / 0.90 / 0.30' in text
+    no_baseline = summary_markdown('xiv', metrics, chance, None, [], 1.0, None, None, {}, {}, {}, [])
+    assert 'baseline' not in no_baseline and 'n/a' in no_baseline  # no load average on this platform
