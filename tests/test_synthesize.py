@@ -105,6 +105,18 @@ def test_same_seed_gives_identical_bytes_and_manifest_other_seed_differs(tmp_pat
     assert folder_pids and max(folder_pids) <= num_ids  # --num-ids bounds the pid range
 
 
+def test_sysu_workers_write_the_same_bytes_as_one_process(tmp_path):
+    one = make_sysu(tmp_path / 'one' / 'SYSU-MM01', seed=1, num_ids=20, size=(32, 16))
+    two = make_sysu(tmp_path / 'two' / 'SYSU-MM01', seed=1, num_ids=20, size=(32, 16), workers=2)
+    files = files_under(tmp_path / 'one' / 'SYSU-MM01')
+    assert files == files_under(tmp_path / 'two' / 'SYSU-MM01') and len(files) > 100
+    assert all((tmp_path / 'one' / 'SYSU-MM01' / f).read_bytes() == (tmp_path / 'two' / 'SYSU-MM01' / f).read_bytes()
+               for f in files)
+    assert without_root(one) == without_root(two)
+    with pytest.raises(ValueError, match='workers is a sysu_mm01 option'):
+        synthesize('llcm', tmp_path / 'l', num_ids=4, workers=2)
+
+
 def test_bad_arguments_raise_clear_errors(tmp_path):
     with pytest.raises(ValueError, match='market'):
         synthesize('market', tmp_path / 'x')

@@ -3,7 +3,7 @@
 Usage::
 
     python -m torchreid_vi.tools.synthesize --dataset sysu_mm01 --root /tmp/data/SYSU-MM01 \\
-        [--seed 0] [--num-ids 60] [--size 64x32] [--manifest /tmp/data/sysu.json]
+        [--seed 0] [--num-ids 60] [--num-test-ids N] [--workers 2] [--size 64x32] [--manifest /tmp/data/sysu.json]
 
 ``--root`` is the dataset root itself (the folder that holds ``cam1/`` .. ``cam6/`` and ``exp/`` for SYSU,
 ``Visible/ Thermal/ idx/`` for RegDB, ``vis/ nir/ test_vis/ test_nir/ idx/`` for LLCM). Nothing but the real
@@ -657,6 +657,27 @@ def _sysu_files(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int])
                 yield pid, cam, k, camera.modality, _encode(pixels[k - 1], 'JPEG', l_mode=(pid, cam, k) == l_mode)
 
 
+def _sysu_chunk(job) -> list:
+    """Worker of :func:`_sysu_files_parallel`: the files of one chunk of pids, as a list."""
+    seed, st, size, pids = job
+    return list(_sysu_files(seed, st, size, pids))
+
+
+def _sysu_files_parallel(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int], workers: int):
+    """:func:`_sysu_files` over ``workers`` forked processes, in the same order with the same bytes (every pid
+    has its own random streams). Serial where ``fork`` is unavailable or ``workers <= 1``."""
+    import multiprocessing
+    pids = sorted(pids)
+    if workers <= 1 or len(pids) < 2 or 'fork' not in multiprocessing.get_all_start_methods():
+        yield from _sysu_files(seed, st, size, pids)
+        return
+    chunk = max(1, len(pids) // (8 * workers))  # small chunks: balanced, bounded memory in flight
+    jobs = [(seed, st, size, pids[i:i + chunk]) for i in range(0, len(pids), chunk)]
+    with multiprocessing.get_context('fork').Pool(workers) as pool:  # numpy only in the children
+        for files in pool.imap(_sysu_chunk, jobs):
+            yield from files
+
+
 def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
                       num_test_ids: Optional[int] = None) -> Dict[Tuple[int, int], List[bytes]]:
     """The JPEG files of one split (``'train'``, ``'val'`` or ``'test'``) of the SYSU-MM01 that :func:`make_sysu`
@@ -675,18 +696,20 @@ def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None, 
 
 
 def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
-              exist_ok: bool = False, num_test_ids: Optional[int] = None) -> dict:
+              exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
     """Write a synthetic SYSU-MM01 under ``root`` (the dataset root) and return its manifest (module docstring).
 
     ``num_test_ids``: identities in the test split (default: half of the available ids); the rest of the
     available ids are train + val. Fixing it lets ``num_ids`` grow the training set without growing the gallery.
+    ``workers``: processes that render the images (forked where the platform can; the files are byte-identical
+    whatever the number).
     """
     seed, num_ids, size, st = _sysu_check(seed, num_ids, size, num_test_ids)  # before anything is written
     root = _prepare_root(root, 'sysu_mm01', exist_ok)
     cells = st['cells']
     l_mode = (st['test'][0], 3, 1)  # the first query image of the first test pid
     records: Dict[int, List[Tuple[int, int, str]]] = {}  # pid -> (pid, cam, modality) per image
-    for pid, cam, k, modality, data in _sysu_files(seed, st, size, sorted(cells)):
+    for pid, cam, k, modality, data in _sysu_files_parallel(seed, st, size, sorted(cells), int(workers)):
         folder = root / f'cam{cam}' / f'{pid:04d}'
         if k == 1:
             folder.mkdir(parents=True, exist_ok=True)
@@ -868,18 +891,20 @@ _MAKERS = {'sysu_mm01': make_sysu, 'regdb': make_regdb, 'llcm': make_llcm}
 
 
 def synthesize(dataset: str, root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
-               exist_ok: bool = False, num_test_ids: Optional[int] = None) -> dict:
+               exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
     """Dispatch to make_sysu / make_regdb / make_llcm by name ('sysu_mm01' | 'regdb' | 'llcm').
 
-    ``num_test_ids`` (SYSU-MM01 only): the size of the test split, see :func:`make_sysu`.
+    ``num_test_ids`` and ``workers`` are SYSU-MM01 options (see :func:`make_sysu`).
     """
     if dataset not in _MAKERS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(DATASETS)}')
-    if num_test_ids is not None:
-        if dataset != 'sysu_mm01':
-            raise ValueError(f'{dataset}: num_test_ids is a sysu_mm01 option (RegDB and LLCM split their ids '
-                             f'in halves), got num_test_ids={num_test_ids!r}')
-        return make_sysu(root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok, num_test_ids=num_test_ids)
+    if dataset == 'sysu_mm01':
+        return make_sysu(root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok, num_test_ids=num_test_ids,
+                         workers=workers)
+    for name, value, default in (('num_test_ids', num_test_ids, None), ('workers', workers, 1)):
+        if value != default:
+            raise ValueError(f'{dataset}: {name} is a sysu_mm01 option (RegDB and LLCM split their ids in halves '
+                             f'and are small), got {name}={value!r}')
     return _MAKERS[dataset](root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok)
 
 
@@ -903,6 +928,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                              ', '.join(f'{k} {v}' for k, v in DEFAULT_NUM_IDS.items()) + ')')
     parser.add_argument('--num-test-ids', type=int, default=None,
                         help='sysu_mm01 only: identities in the test split (default: half of the available ids)')
+    parser.add_argument('--workers', type=int, default=1,
+                        help='sysu_mm01 only: processes rendering the images (same bytes whatever the number)')
     parser.add_argument('--size', default='{}x{}'.format(*DEFAULT_SIZE), help='image size HxW (default 64x32)')
     parser.add_argument('--manifest', default=None, help='write the manifest JSON here (outside --root)')
     parser.add_argument('--exist-ok', action='store_true', help='write into a non-empty root (file by file)')
@@ -916,7 +943,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size = parse_size(args.size)
         start = time.perf_counter()
         manifest = synthesize(args.dataset, root, seed=args.seed, num_ids=args.num_ids, size=size,
-                              exist_ok=args.exist_ok, num_test_ids=args.num_test_ids)
+                              exist_ok=args.exist_ok, num_test_ids=args.num_test_ids, workers=args.workers)
         seconds = time.perf_counter() - start
     except (ValueError, FileExistsError, NotADirectoryError) as error:
         parser.error(str(error))
