@@ -23,6 +23,15 @@ What is measured
   Both run in the same process, interleaved step by step (so machine load affects both alike),
   on the same random tensors (no data loading, no augmentation: that cost is the same for both).
   The ratio method / torchreid is printed; XIV's target is <= 1.15.
+* **FLOP bound**: the floating-point operations of one ``forward_backward`` of each engine on
+  its batch, counted by ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
+  products, forward and backward; elementwise ops, normalisation and the optimizer update are
+  not counted). Their ratio is the step-time ratio the extra FLOPs alone would give; the report
+  prints how far the measured ratio is above (or below) that bound. For IDKL the second
+  layer3 + layer4 makes its network about 1.7x a ResNet with last stride 1.
+* **profile** (``--profile N``): the N operators with the largest self CPU time (and CUDA time
+  on a GPU) of one step of each engine (``torch.profiler``), to see where the time goes when
+  the measured ratio is above the FLOP bound.
 * **memory** (each engine alone in a fresh subprocess, so the numbers do not mix):
 
   - GPU: ``torch.cuda.max_memory_allocated()`` over the measured steps (model, optimizer state,
@@ -134,6 +143,28 @@ def _step(engine, batch, device) -> float:
     return time.perf_counter() - t0
 
 
+def step_flops(engine, batch) -> int:
+    """FLOPs of one ``forward_backward(batch)`` (``FlopCounterMode``: conv + matmul, forward and
+    backward). It is a real training step: the weights move, like a warm-up step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    engine.set_model_mode('train')
+    with FlopCounterMode(display=False) as counter:
+        engine.forward_backward(batch)
+    return int(counter.get_total_flops())
+
+
+def profile_step(engine, batch, device, top: int) -> str:
+    """Table of the ``top`` operators by self CPU (and CUDA) time of one training step."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == 'cuda' else [])
+    engine.set_model_mode('train')
+    with profile(activities=activities) as prof:
+        engine.forward_backward(batch)
+        _sync(device)
+    key = 'self_cuda_time_total' if device == 'cuda' else 'self_cpu_time_total'
+    return prof.key_averages().table(sort_by=key, row_limit=top)
+
+
 def memory_worker(args) -> dict:
     """Run one engine alone (``args.memory_worker`` = 'method' | 'baseline'); report its peak."""
     torch.manual_seed(0)
@@ -191,6 +222,8 @@ def main(argv=None) -> int:
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     p.add_argument('--no-memory', action='store_true', help='skip the memory subprocesses')
+    p.add_argument('--profile', type=int, default=0, metavar='N',
+                   help='print the N most expensive operators of one step of each engine')
     p.add_argument('--json', default='', help='also write the results to this file')
     p.add_argument('--memory-worker', default='', help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -209,6 +242,15 @@ def main(argv=None) -> int:
           f'torchreid ImageTripletEngine (ResNet last stride 1, batch {n_base}); '
           f'{BACKBONES[args.backbone_size]} {args.height}x{args.width}, P={args.p} K={args.k}, '
           f'{args.device}, {torch.get_num_threads()} threads')
+    flops = {'method': step_flops(method, method_batch), 'baseline': step_flops(base, base_batch)}
+    flop_ratio = flops['method'] / flops['baseline']
+    print(f'FLOPs per step (FlopCounterMode, conv + matmul, forward + backward): {args.method} '
+          f'{flops["method"] / 1e9:.2f} GFLOP, torchreid triplet {flops["baseline"] / 1e9:.2f} '
+          f'GFLOP -> FLOP-bound step-time ratio {flop_ratio:.3f}')
+    if args.profile:
+        for name, engine, batch in (('method', method, method_batch), ('baseline', base, base_batch)):
+            print(f'--- profile of one step: {args.method if name == "method" else "torchreid triplet"}')
+            print(profile_step(engine, batch, args.device, args.profile))
     times = {'method': [], 'baseline': []}
     for i in range(args.warmup + args.steps):
         order = (('method', method, method_batch), ('baseline', base, base_batch))
@@ -221,10 +263,17 @@ def main(argv=None) -> int:
               'height': args.height, 'width': args.width, 'p': args.p, 'k': args.k,
               'device': args.device, 'steps': args.steps,
               'method_step_s': med['method'], 'baseline_step_s': med['baseline'],
-              'ratio': med['method'] / med['baseline']}
+              'ratio': med['method'] / med['baseline'],
+              'method_gflop': flops['method'] / 1e9, 'baseline_gflop': flops['baseline'] / 1e9,
+              'flop_ratio': flop_ratio, 'over_flop_bound': med['method'] / med['baseline'] / flop_ratio - 1,
+              'loadavg_1min': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}
     print(f'median step: {args.method} {med["method"] * 1e3:.1f} ms, torchreid triplet '
           f'{med["baseline"] * 1e3:.1f} ms -> ratio {result["ratio"]:.3f}'
           + (' (XIV target <= 1.15)' if args.method == 'xiv' else ''))
+    print(f'FLOP bound {flop_ratio:.3f}: the measured ratio is {100 * result["over_flop_bound"]:+.1f} % '
+          f'from it (time per FLOP: {args.method} {med["method"] / flops["method"] * 1e12:.1f} ps, '
+          f'torchreid triplet {med["baseline"] / flops["baseline"] * 1e12:.1f} ps)'
+          + (f'; load average {result["loadavg_1min"]:.2f}' if result['loadavg_1min'] is not None else ''))
     if mem:
         what = ('peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda'
                 else 'peak RSS growth during the training steps (VmHWM, else ru_maxrss)')

@@ -3,7 +3,7 @@
 Usage::
 
     python -m torchreid_vi.tools.synthesize --dataset sysu_mm01 --root /tmp/data/SYSU-MM01 \\
-        [--seed 0] [--num-ids 60] [--size 64x32] [--manifest /tmp/data/sysu.json]
+        [--seed 0] [--num-ids 60] [--num-test-ids N] [--workers 2] [--size 64x32] [--manifest /tmp/data/sysu.json]
 
 ``--root`` is the dataset root itself (the folder that holds ``cam1/`` .. ``cam6/`` and ``exp/`` for SYSU,
 ``Visible/ Thermal/ idx/`` for RegDB, ``vis/ nir/ test_vis/ test_nir/ idx/`` for LLCM). Nothing but the real
@@ -90,8 +90,8 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-__all__ = ['DATASETS', 'DEFAULT_SIZE', 'DEFAULT_NUM_IDS', 'make_sysu', 'make_regdb', 'make_llcm', 'synthesize',
-           'parse_size', 'main']
+__all__ = ['DATASETS', 'DEFAULT_SIZE', 'DEFAULT_NUM_IDS', 'make_sysu', 'sysu_split_images', 'make_regdb', 'make_llcm',
+           'synthesize', 'parse_size', 'main']
 
 DATASETS = ('sysu_mm01', 'regdb', 'llcm')
 DEFAULT_SIZE = (64, 32)  # (H, W) in pixels
@@ -581,8 +581,12 @@ def parse_size(size) -> Tuple[int, int]:
 # ----------------------------------------------------------------------------------------------------------------
 # SYSU-MM01
 
-def _sysu_structure(seed: int, num_ids: int) -> dict:
-    """Which pids exist, their split and their (cam -> number of images) cells."""
+def _sysu_structure(seed: int, num_ids: int, num_test_ids: Optional[int] = None) -> dict:
+    """Which pids exist, their split and their (cam -> number of images) cells.
+
+    ``num_test_ids``: size of the test split (default ``None``: half of the available ids). The
+    random draws do not depend on it, so the default gives the same dataset as before it existed.
+    """
     rng = _rng(seed, 'sysu_mm01', _STREAM_STRUCTURE)
     pids = np.arange(1, num_ids + 1)
     n_gaps = int(round(num_ids / 6))  # 10 of 60: pids without any folder
@@ -591,8 +595,15 @@ def _sysu_structure(seed: int, num_ids: int) -> dict:
     gaps = sorted(int(p) for p in order[:n_gaps])
     single = sorted(int(p) for p in order[n_gaps:n_gaps + n_single])
     available = sorted(int(p) for p in order[n_gaps + n_single:])
-    n_test = max(1, len(available) // 2)
     n_val = max(1, int(round(len(available) / 12)))
+    if num_test_ids is None:
+        n_test = max(1, len(available) // 2)
+    else:
+        n_test = int(num_test_ids)
+        if not 1 <= n_test <= len(available) - n_val - 1:
+            raise ValueError(f'sysu_mm01: num_test_ids must be in [1, {len(available) - n_val - 1}] '
+                             f'with num_ids={num_ids} ({len(available)} available ids, {n_val} val, at '
+                             f'least 1 train), got {num_test_ids!r}')
     shuffled = [int(p) for p in rng.permutation(available)]
     test = sorted(shuffled[:n_test])
     val = sorted(shuffled[n_test:n_test + n_val])
@@ -623,27 +634,87 @@ def _sysu_structure(seed: int, num_ids: int) -> dict:
             'cells': cells, 'short_cell': (short_pid, short_cam)}
 
 
-def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
-              exist_ok: bool = False) -> dict:
-    """Write a synthetic SYSU-MM01 under ``root`` (the dataset root) and return its manifest (module docstring)."""
+def _sysu_check(seed, num_ids, size, num_test_ids) -> Tuple[int, int, Tuple[int, int], dict]:
     seed, num_ids, size = _check_args('sysu_mm01', seed, num_ids, size)
-    root = _prepare_root(root, 'sysu_mm01', exist_ok)
-    st = _sysu_structure(seed, num_ids)
+    if num_test_ids is not None and (isinstance(num_test_ids, bool) or not isinstance(num_test_ids, (int, np.integer))):
+        raise ValueError(f'sysu_mm01: num_test_ids must be an int or None, got {num_test_ids!r}')
+    return seed, num_ids, size, _sysu_structure(seed, num_ids, num_test_ids)
+
+
+def _sysu_files(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int]):
+    """Yield ``(pid, cam, k, modality, jpeg bytes)`` of every image of ``pids`` (k = 1..n), exactly the
+    bytes :func:`make_sysu` writes to ``cam{cam}/{pid:04d}/{k:04d}.jpg``."""
     cameras = _sysu_cameras(seed)
     cells = st['cells']
     l_mode = (st['test'][0], 3, 1)  # the first query image of the first test pid
-    records: Dict[int, List[Tuple[int, int, str]]] = {}  # pid -> (pid, cam, modality) per image
-    for pid in sorted(cells):
+    for pid in sorted(pids):
         idn = _draw_identity(_rng(seed, 'sysu_mm01', _STREAM_IDENTITY, pid))
         for cam in sorted(cells[pid]):
             n = cells[pid][cam]
             camera = cameras[cam]
             pixels = _render_cell(idn, camera, n, size, _rng(seed, 'sysu_mm01', _STREAM_CELL, cam, pid))
-            folder = root / f'cam{cam}' / f'{pid:04d}'
-            folder.mkdir(parents=True, exist_ok=True)
             for k in range(1, n + 1):
-                (folder / f'{k:04d}.jpg').write_bytes(_encode(pixels[k - 1], 'JPEG', l_mode=(pid, cam, k) == l_mode))
-            records.setdefault(pid, []).extend([(pid, cam, camera.modality)] * n)
+                yield pid, cam, k, camera.modality, _encode(pixels[k - 1], 'JPEG', l_mode=(pid, cam, k) == l_mode)
+
+
+def _sysu_chunk(job) -> list:
+    """Worker of :func:`_sysu_files_parallel`: the files of one chunk of pids, as a list."""
+    seed, st, size, pids = job
+    return list(_sysu_files(seed, st, size, pids))
+
+
+def _sysu_files_parallel(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int], workers: int):
+    """:func:`_sysu_files` over ``workers`` forked processes, in the same order with the same bytes (every pid
+    has its own random streams). Serial where ``fork`` is unavailable or ``workers <= 1``."""
+    import multiprocessing
+    pids = sorted(pids)
+    if workers <= 1 or len(pids) < 2 or 'fork' not in multiprocessing.get_all_start_methods():
+        yield from _sysu_files(seed, st, size, pids)
+        return
+    chunk = max(1, len(pids) // (8 * workers))  # small chunks: balanced, bounded memory in flight
+    jobs = [(seed, st, size, pids[i:i + chunk]) for i in range(0, len(pids), chunk)]
+    with multiprocessing.get_context('fork').Pool(workers) as pool:  # numpy only in the children
+        for files in pool.imap(_sysu_chunk, jobs):
+            yield from files
+
+
+def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
+                      num_test_ids: Optional[int] = None) -> Dict[Tuple[int, int], List[bytes]]:
+    """The JPEG files of one split (``'train'``, ``'val'`` or ``'test'``) of the SYSU-MM01 that :func:`make_sysu`
+    would write with the same arguments, in memory: ``{(pid, cam): [bytes of 0001.jpg, 0002.jpg, ...]}``.
+
+    Every identity and cell has its own random stream, so the other pids need not be drawn: a check on the
+    images of a large dataset's test split (e.g. the demo's) costs only that split.
+    """
+    if split not in ('train', 'val', 'test'):
+        raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+    seed, num_ids, size, st = _sysu_check(seed, num_ids, size, num_test_ids)
+    out: Dict[Tuple[int, int], List[bytes]] = {}
+    for pid, cam, _k, _modality, data in _sysu_files(seed, st, size, st[split]):
+        out.setdefault((pid, cam), []).append(data)
+    return out
+
+
+def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
+              exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
+    """Write a synthetic SYSU-MM01 under ``root`` (the dataset root) and return its manifest (module docstring).
+
+    ``num_test_ids``: identities in the test split (default: half of the available ids); the rest of the
+    available ids are train + val. Fixing it lets ``num_ids`` grow the training set without growing the gallery.
+    ``workers``: processes that render the images (forked where the platform can; the files are byte-identical
+    whatever the number).
+    """
+    seed, num_ids, size, st = _sysu_check(seed, num_ids, size, num_test_ids)  # before anything is written
+    root = _prepare_root(root, 'sysu_mm01', exist_ok)
+    cells = st['cells']
+    l_mode = (st['test'][0], 3, 1)  # the first query image of the first test pid
+    records: Dict[int, List[Tuple[int, int, str]]] = {}  # pid -> (pid, cam, modality) per image
+    for pid, cam, k, modality, data in _sysu_files_parallel(seed, st, size, sorted(cells), int(workers)):
+        folder = root / f'cam{cam}' / f'{pid:04d}'
+        if k == 1:
+            folder.mkdir(parents=True, exist_ok=True)
+        (folder / f'{k:04d}.jpg').write_bytes(data)
+        records.setdefault(pid, []).append((pid, cam, modality))
 
     exp = root / 'exp'
     newline = {'train': True, 'val': False, 'test': True, 'available': False}
@@ -820,10 +891,20 @@ _MAKERS = {'sysu_mm01': make_sysu, 'regdb': make_regdb, 'llcm': make_llcm}
 
 
 def synthesize(dataset: str, root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
-               exist_ok: bool = False) -> dict:
-    """Dispatch to make_sysu / make_regdb / make_llcm by name ('sysu_mm01' | 'regdb' | 'llcm')."""
+               exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
+    """Dispatch to make_sysu / make_regdb / make_llcm by name ('sysu_mm01' | 'regdb' | 'llcm').
+
+    ``num_test_ids`` and ``workers`` are SYSU-MM01 options (see :func:`make_sysu`).
+    """
     if dataset not in _MAKERS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(DATASETS)}')
+    if dataset == 'sysu_mm01':
+        return make_sysu(root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok, num_test_ids=num_test_ids,
+                         workers=workers)
+    for name, value, default in (('num_test_ids', num_test_ids, None), ('workers', workers, 1)):
+        if value != default:
+            raise ValueError(f'{dataset}: {name} is a sysu_mm01 option (RegDB and LLCM split their ids in halves '
+                             f'and are small), got {name}={value!r}')
     return _MAKERS[dataset](root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok)
 
 
@@ -845,6 +926,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument('--num-ids', type=int, default=None,
                         help='pid range 1..N (defaults: ' +
                              ', '.join(f'{k} {v}' for k, v in DEFAULT_NUM_IDS.items()) + ')')
+    parser.add_argument('--num-test-ids', type=int, default=None,
+                        help='sysu_mm01 only: identities in the test split (default: half of the available ids)')
+    parser.add_argument('--workers', type=int, default=1,
+                        help='sysu_mm01 only: processes rendering the images (same bytes whatever the number)')
     parser.add_argument('--size', default='{}x{}'.format(*DEFAULT_SIZE), help='image size HxW (default 64x32)')
     parser.add_argument('--manifest', default=None, help='write the manifest JSON here (outside --root)')
     parser.add_argument('--exist-ok', action='store_true', help='write into a non-empty root (file by file)')
@@ -858,7 +943,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         size = parse_size(args.size)
         start = time.perf_counter()
         manifest = synthesize(args.dataset, root, seed=args.seed, num_ids=args.num_ids, size=size,
-                              exist_ok=args.exist_ok)
+                              exist_ok=args.exist_ok, num_test_ids=args.num_test_ids, workers=args.workers)
         seconds = time.perf_counter() - start
     except (ValueError, FileExistsError, NotADirectoryError) as error:
         parser.error(str(error))
