@@ -248,8 +248,10 @@ def main(argv=None) -> int:
           f'{flops["method"] / 1e9:.2f} GFLOP, torchreid triplet {flops["baseline"] / 1e9:.2f} '
           f'GFLOP -> FLOP-bound step-time ratio {flop_ratio:.3f}')
     if args.profile:
-        for name, engine, batch in (('method', method, method_batch), ('baseline', base, base_batch)):
-            print(f'--- profile of one step: {args.method if name == "method" else "torchreid triplet"}')
+        for name, engine, batch in (('method', method, method_batch),
+                                    ('baseline', base, base_batch)):
+            print(f'--- profile of one step: '
+                  f'{args.method if name == "method" else "torchreid triplet"}')
             print(profile_step(engine, batch, args.device, args.profile))
     times = {'method': [], 'baseline': []}
     for i in range(args.warmup + args.steps):
@@ -265,15 +267,18 @@ def main(argv=None) -> int:
               'method_step_s': med['method'], 'baseline_step_s': med['baseline'],
               'ratio': med['method'] / med['baseline'],
               'method_gflop': flops['method'] / 1e9, 'baseline_gflop': flops['baseline'] / 1e9,
-              'flop_ratio': flop_ratio, 'over_flop_bound': med['method'] / med['baseline'] / flop_ratio - 1,
+              'flop_ratio': flop_ratio,
+              'over_flop_bound': med['method'] / med['baseline'] / flop_ratio - 1,
               'loadavg_1min': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None}
     print(f'median step: {args.method} {med["method"] * 1e3:.1f} ms, torchreid triplet '
           f'{med["baseline"] * 1e3:.1f} ms -> ratio {result["ratio"]:.3f}'
           + (' (XIV target <= 1.15)' if args.method == 'xiv' else ''))
-    print(f'FLOP bound {flop_ratio:.3f}: the measured ratio is {100 * result["over_flop_bound"]:+.1f} % '
-          f'from it (time per FLOP: {args.method} {med["method"] / flops["method"] * 1e12:.1f} ps, '
+    print(f'FLOP bound {flop_ratio:.3f}: the measured ratio is '
+          f'{100 * result["over_flop_bound"]:+.1f} % from it (time per FLOP: {args.method} '
+          f'{med["method"] / flops["method"] * 1e12:.1f} ps, '
           f'torchreid triplet {med["baseline"] / flops["baseline"] * 1e12:.1f} ps)'
-          + (f'; load average {result["loadavg_1min"]:.2f}' if result['loadavg_1min'] is not None else ''))
+          + (f'; load average {result["loadavg_1min"]:.2f}'
+             if result['loadavg_1min'] is not None else ''))
     if mem:
         what = ('peak allocated (torch.cuda.max_memory_allocated)' if args.device == 'cuda'
                 else 'peak RSS growth during the training steps (VmHWM, else ru_maxrss)')

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from torchreid_vi.results import ResultsFile, read_results, run_config
 from torchreid_vi.tools import plot_run as pr
 
 SETTINGS = ['sysu_mm01/all/single/official_perm', 'sysu_mm01/all/multi/official_perm',
@@ -22,9 +23,10 @@ def write_results(folder, with_cmc=True, final=True):
         if with_cmc:
             res['mean_cmc'] = cmc.tolist()
         metrics[key] = res
-    data = {'config': {'data': {'root': str(folder / 'no-such-data')}},
-            'evaluations': [{'epoch': 2, 'dataset': 'sysu_mm01', 'final': final, 'metrics': metrics}]}
-    (folder / 'results.json').write_text(json.dumps(data))
+    # the project's own writer (format 2: runs + evaluations), as a training run leaves it
+    results = ResultsFile(str(folder / 'results.json'),
+                          config={'data': {'root': str(folder / 'no-such-data')}}, environment={})
+    results.add_evaluation(epoch=2, dataset='sysu_mm01', metrics=metrics, final=final)
 
 
 def write_events(folder, steps=6):
@@ -84,6 +86,24 @@ def test_plot_run_falls_back_to_train_log_lines_without_events(tmp_path):
     steps, values = curves['id_ir']
     assert steps.tolist() == list(range(6)) and np.allclose(values, 3.0 - 0.1 * np.arange(6))
     assert np.allclose(curves['lr'][1], [1e-3] * 3 + [5e-4] * 3)
+
+
+def test_the_run_config_is_the_one_of_the_run_that_made_the_evaluation(tmp_path):
+    path = str(tmp_path / 'results.json')
+    first = ResultsFile(path, config={'data': {'root': '/train-run'}}, environment={})
+    first.add_evaluation(epoch=4, dataset='sysu_mm01', metrics={}, final=True)
+    ResultsFile(path, config={'data': {'root': '/later-run'}}, environment={}, kind='evaluate')
+    data = read_results(path)
+    assert run_config(data)['data']['root'] == '/train-run'  # the last evaluation's run
+    assert run_config(data, data['runs'][1]['run_id'])['data']['root'] == '/later-run'
+    assert run_config({'runs': [], 'evaluations': []}) == {}
+    # a file of the first format (one run, config at the top) reads the same way
+    (tmp_path / 'old.json').write_text(json.dumps(
+        {'config': {'data': {'root': '/old'}}, 'evaluations': [{'epoch': 1, 'metrics': {}}]}))
+    assert run_config(read_results(str(tmp_path / 'old.json')))['data']['root'] == '/old'
+    (tmp_path / 'list.json').write_text('[]')
+    with pytest.raises(ValueError, match='list.json: top level is a list'):
+        read_results(str(tmp_path / 'list.json'))
 
 
 def test_plot_run_on_an_empty_folder_fails_with_one_message_and_writes_nothing(tmp_path, capsys):
@@ -155,5 +175,7 @@ def test_summary_has_the_results_chance_baseline_pictures_and_stage_times():
     assert '](xiv/cmc.png)' in text and '](xiv/training.png)' in text
     assert '| xiv run: training | 150.0 |' in text and '**200.0**' in text
     assert '1.00 / 0.50 / 0.20' in text and '1.50 / 0.90 / 0.30' in text
-    no_baseline = summary_markdown('xiv', metrics, chance, None, [], 1.0, None, None, {}, {}, {}, [])
-    assert 'baseline' not in no_baseline and 'n/a' in no_baseline  # no load average on this platform
+    no_baseline = summary_markdown('xiv', metrics, chance, None, [], 1.0, None, None, {}, {},
+                                   {}, [])
+    # no load average on this platform
+    assert 'baseline' not in no_baseline and 'n/a' in no_baseline

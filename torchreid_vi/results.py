@@ -30,6 +30,7 @@ Example::
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -41,7 +42,8 @@ import numpy as np
 
 from .utils.fileio import write_json_atomic
 
-__all__ = ['ResultsFile', 'environment_info', 'FORMAT_VERSION', 'new_run_id']
+__all__ = ['ResultsFile', 'environment_info', 'FORMAT_VERSION', 'new_run_id', 'read_results',
+           'run_config']
 
 FORMAT_VERSION = 2
 def environment_info(device: Optional[str] = None) -> dict:
@@ -83,9 +85,14 @@ def _jsonable(obj: Any):
     return obj
 
 
+_runs_in_this_process = itertools.count(1)
+
+
 def new_run_id() -> str:
-    """``<date>-<time>-<pid>``: unique per run on a host, sortable by start time."""
-    return datetime.datetime.now().strftime('%Y%m%d-%H%M%S') + f'-{os.getpid()}'
+    """``<date>-<time>-<pid>-<n>``: unique per run on a host (n counts the runs of one process, as
+    in tests or notebooks), sortable by start time."""
+    return (datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+            + f'-{os.getpid()}-{next(_runs_in_this_process)}')
 
 
 def _upgrade(data: dict) -> dict:
@@ -97,6 +104,29 @@ def _upgrade(data: dict) -> dict:
            'environment': data.get('environment')}
     evaluations = [dict(e, run_id='run-1') for e in data.get('evaluations', [])]
     return {'format_version': FORMAT_VERSION, 'runs': [run], 'evaluations': evaluations}
+
+
+def read_results(path: str) -> dict:
+    """``results.json`` at ``path`` in the current format (a first-format file is converted in
+    memory, the file is left as it is). Raises ``OSError`` / ``ValueError`` naming ``path``."""
+    with open(path, encoding='utf-8') as f:
+        try:
+            data = json.load(f)
+        except ValueError as exc:
+            raise ValueError(f'{path}: not JSON ({exc})') from None
+    if not isinstance(data, dict):
+        raise ValueError(f'{path}: top level is a {type(data).__name__}, expected an object')
+    return _upgrade(data)
+
+
+def run_config(data: dict, run_id: Optional[str] = None) -> dict:
+    """The config (a dict) of run ``run_id`` in ``data`` (:func:`read_results`); by default of the
+    run that made the last evaluation, else of the last run; ``{}`` when there is none."""
+    runs = data.get('runs') or []
+    if run_id is None and data.get('evaluations'):
+        run_id = data['evaluations'][-1].get('run_id')
+    chosen = [r for r in runs if r.get('run_id') == run_id] or runs[-1:]
+    return (chosen[0].get('config') or {}) if chosen else {}
 
 
 class ResultsFile:

@@ -40,15 +40,19 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..results import read_results, run_config
+
 __all__ = ['RunDataMissing', 'load_cmc', 'load_chance', 'chance_results', 'load_training_curves',
            'parse_train_logs', 'plot_cmc', 'plot_training', 'plot_run', 'main']
 
 CHANCE_FILE = 'chance.json'
 # Train/* tags that are timings (seconds per step), not loss terms.
 _TIMING_TAGS = ('time', 'data')
-# torchreid's console line: "epoch: [e/E][b/B]\ttime v (a)\tdata v (a)\teta h:mm:ss\t<term v (a)>...\tlr x"
+# torchreid's console line:
+# "epoch: [e/E][b/B]\ttime v (a)\tdata v (a)\teta h:mm:ss\t<term v (a)>...\tlr x"
 _LOG_LINE = re.compile(r'epoch: \[(\d+)/(\d+)\]\[(\d+)/(\d+)\]\t(.*)$')
-_LOG_TERM = re.compile(r'([A-Za-z_][\w./-]*) (-?[\d.]+(?:e[-+]?\d+)?|nan|inf) \((-?[\d.]+(?:e[-+]?\d+)?|nan|inf)\)')
+_LOG_TERM = re.compile(r'([A-Za-z_][\w./-]*) (-?[\d.]+(?:e[-+]?\d+)?|nan|inf) '
+                       r'\((-?[\d.]+(?:e[-+]?\d+)?|nan|inf)\)')
 _LOG_LR = re.compile(r'\blr (-?[\d.]+(?:e[-+]?\d+)?)\s*$')
 
 Curves = Dict[str, Tuple[np.ndarray, np.ndarray]]  # name -> (steps int64 (N,), values float64 (N,))
@@ -75,8 +79,7 @@ def load_cmc(save_dir: str) -> Tuple[Dict[str, np.ndarray], dict]:
     path = osp.join(save_dir, 'results.json')
     if not osp.isfile(path):
         raise RunDataMissing(f'{path} (the run\'s results; written at its first evaluation)')
-    with open(path) as f:
-        data = json.load(f)
+    data = read_results(path)
     evaluations = data.get('evaluations') or []
     if not evaluations:
         raise RunDataMissing(f'evaluations in {path} (the run has not been evaluated yet)')
@@ -92,7 +95,7 @@ def load_cmc(save_dir: str) -> Tuple[Dict[str, np.ndarray], dict]:
         raise RunDataMissing(f'"mean_cmc" in the evaluations of {path} (a torchreid-protocol '
                              f'evaluation records only rank-1 and mAP)')
     return curves, {'epoch': chosen[-1]['epoch'], 'dataset': sorted({e['dataset'] for e in chosen}),
-                    'config': data.get('config') or {}, 'metrics': metrics}
+                    'config': run_config(data, chosen[-1].get('run_id')), 'metrics': metrics}
 
 
 def chance_results(data_root: str, dataset: str = 'sysu_mm01', options: Optional[dict] = None,
@@ -145,8 +148,9 @@ def load_chance(save_dir: str, info: dict) -> Tuple[Dict[str, np.ndarray], str]:
     return out, f'computed from {root}'
 
 
-def plot_cmc(curves: Dict[str, np.ndarray], path: str, chance: Optional[Dict[str, np.ndarray]] = None,
-             title: str = '', note: str = '') -> str:
+def plot_cmc(curves: Dict[str, np.ndarray], path: str,
+             chance: Optional[Dict[str, np.ndarray]] = None, title: str = '',
+             note: str = '') -> str:
     """Draw the CMC curves (in %, rank 1..max_rank) with dashed chance curves; returns ``path``."""
     import matplotlib
     matplotlib.use('Agg')
@@ -168,7 +172,8 @@ def plot_cmc(curves: Dict[str, np.ndarray], path: str, chance: Optional[Dict[str
     ax.set_ylim(0, 100)
     max_rank = max(len(c) for c in curves.values())
     ax.set_xlim(1, max_rank)
-    ax.set_xticks([1] + list(range(5, max_rank + 1, 5)) if max_rank >= 5 else range(1, max_rank + 1))
+    ax.set_xticks([1] + list(range(5, max_rank + 1, 5)) if max_rank >= 5
+                  else range(1, max_rank + 1))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
     ax.set_title(title or 'CMC (mean over trials)', fontsize=10)
@@ -212,7 +217,8 @@ def load_training_curves(save_dir: str) -> Tuple[Curves, str]:
             if not tag.startswith('Train/') or tag[len('Train/'):] in _TIMING_TAGS:
                 continue
             events = acc.Scalars(tag)
-            by_step = {e.step: e.value for e in events}  # a resumed run rewrites steps: keep the last
+            # a resumed run rewrites steps: keep the last
+            by_step = {e.step: e.value for e in events}
             steps = np.array(sorted(by_step), np.int64)
             curves[tag[len('Train/'):]] = (steps, np.array([by_step[s] for s in steps], np.float64))
         if curves:
@@ -222,8 +228,8 @@ def load_training_curves(save_dir: str) -> Tuple[Curves, str]:
     if curves:
         return curves, f'{len(logs)} train.log file(s) in {save_dir} (every print_freq steps)'
     raise RunDataMissing(
-        f'training curves: no tensorboard event files (events.out.tfevents.*) with Train/* '
-        f'scalars and no "epoch: [e/E][b/B] ... lr <lr>" lines in train.log-* files')
+        'training curves: no tensorboard event files (events.out.tfevents.*) with Train/* '
+        'scalars and no "epoch: [e/E][b/B] ... lr <lr>" lines in train.log-* files')
 
 
 def parse_train_logs(paths: Sequence[str]) -> Curves:
@@ -302,7 +308,8 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
 # ------------------------------------------------------------------------------------------------
 # both
 
-def plot_run(save_dir: str, out_dir: Optional[str] = None, only: Optional[str] = None) -> Dict[str, str]:
+def plot_run(save_dir: str, out_dir: Optional[str] = None,
+             only: Optional[str] = None) -> Dict[str, str]:
     """Write ``cmc.png`` and ``training.png`` of run ``save_dir`` into ``out_dir`` (default:
     ``save_dir``); ``only='cmc'|'training'`` draws one. Returns ``{'cmc': path, 'training': path}``.
 

@@ -3,11 +3,13 @@
 Usage::
 
     python -m torchreid_vi.tools.synthesize --dataset sysu_mm01 --root /tmp/data/SYSU-MM01 \\
-        [--seed 0] [--num-ids 60] [--num-test-ids N] [--workers 2] [--size 64x32] [--manifest /tmp/data/sysu.json]
+        [--seed 0] [--num-ids 60] [--num-test-ids N] [--workers 2] [--size 64x32] \\
+        [--manifest /tmp/data/sysu.json]
 
-``--root`` is the dataset root itself (the folder that holds ``cam1/`` .. ``cam6/`` and ``exp/`` for SYSU,
-``Visible/ Thermal/ idx/`` for RegDB, ``vis/ nir/ test_vis/ test_nir/ idx/`` for LLCM). Nothing but the real
-layout is written there; the manifest (JSON) goes elsewhere. The same seed gives byte-identical files.
+``--root`` is the dataset root itself (the folder that holds ``cam1/`` .. ``cam6/`` and ``exp/`` for
+SYSU, ``Visible/ Thermal/ idx/`` for RegDB, ``vis/ nir/ test_vis/ test_nir/ idx/`` for LLCM).
+Nothing but the real layout is written there; the manifest (JSON) goes elsewhere. The same seed
+gives byte-identical files.
 
 Python API::
 
@@ -19,60 +21,66 @@ Python API::
 
 Layouts (spec ``datasets_and_protocols.md`` §1, §7.1)
 ------------------------------------------------------
-* SYSU-MM01: ``cam{1..6}/{pid:04d}/{k:04d}.jpg`` (k = 1..n), ``exp/{train,val,test,available}_id.txt`` (one
-  comma-separated line; train/test end with a newline, val/available do not) plus ``.mat`` twins (key ``'id'``,
-  uint16 ``(1, N)``), ``exp/rand_perm_cam.mat`` with the official nesting (object ``(6, 1)`` -> object ``(N_c, 1)``
-  -> uint8 ``(10, n)``, ``(10, 0)`` for absent pids, ``N_c`` = largest pid with images in camera c). Pids 1..N
-  with gaps (pids without any folder) and a few pids seen by ONE camera only (they have images but are in no id
-  list, as 22 pids of the real data); the available ids are split train/val/test by a seeded shuffle (the splits
-  interleave). Every available pid has cams 1, 2, 3; cams 4, 5, 6 are dropped with p = 0.25 (test pids keep
-  cam 6); 12-20 images per cell and one test cell in cam 4 or 5 with exactly 7 images.
-* RegDB: ``Visible/<pid>/<sex>_<view>_v_<frame:05d>_<pid>.bmp`` and ``Thermal/... _t_ ...`` (sex = female for odd
-  pids, view = back when pid % 3 == 0, frame = 100 pid + k, k = 0..9), ``idx/{train,test}_{visible,thermal}_{t}.txt``
-  for t = 1..10: a seeded permutation of the pids, first half train, second half test; the label of a line is the
-  position of its pid in the permuted half (identical in the visible and thermal files).
-* LLCM: ``{vis,nir}/{pid:04d}/{pid:04d}_c{cam:02d}_s{seq:06d}_f{frame}_{vis,nir}.jpg``; train pids 1..N/2, test
-  pids N/2+1..N; per (pid, modality) 3 distinct cameras out of 1..9 (never cam 3 for test NIR), 1-3 frames each;
-  every test image is copied under the same name into ``test_{vis,nir}/cam{cam}/{pid:04d}/`` (no
-  ``test_nir/cam3``); ``idx/train_{vis,nir}.txt`` (0-based labels in ascending pid order, shared),
-  ``idx/test_{vis,nir}.txt`` (label = pid) and ``idx/test_id.txt``.
-* Exactly ONE infrared file per dataset is saved as a 1-channel (``'L'``) image (its root-relative path is
-  ``manifest['l_mode_file']``); every other infrared file is an RGB image with 3 identical channels.
+* SYSU-MM01: ``cam{1..6}/{pid:04d}/{k:04d}.jpg`` (k = 1..n),
+  ``exp/{train,val,test,available}_id.txt`` (one comma-separated line; train/test end with a
+  newline, val/available do not) plus ``.mat`` twins (key ``'id'``, uint16 ``(1, N)``),
+  ``exp/rand_perm_cam.mat`` with the official nesting (object ``(6, 1)`` -> object ``(N_c, 1)`` ->
+  uint8 ``(10, n)``, ``(10, 0)`` for absent pids, ``N_c`` = largest pid with images in camera c).
+  Pids 1..N with gaps (pids without any folder) and a few pids seen by ONE camera only (they have
+  images but are in no id list, as 22 pids of the real data); the available ids are split
+  train/val/test by a seeded shuffle (the splits interleave). Every available pid has cams 1, 2, 3;
+  cams 4, 5, 6 are dropped with p = 0.25 (test pids keep cam 6); 12-20 images per cell and one test
+  cell in cam 4 or 5 with exactly 7 images.
+* RegDB: ``Visible/<pid>/<sex>_<view>_v_<frame:05d>_<pid>.bmp`` and ``Thermal/... _t_ ...`` (sex =
+  female for odd pids, view = back when pid % 3 == 0, frame = 100 pid + k, k = 0..9),
+  ``idx/{train,test}_{visible,thermal}_{t}.txt`` for t = 1..10: a seeded permutation of the pids,
+  first half train, second half test; the label of a line is the position of its pid in the permuted
+  half (identical in the visible and thermal files).
+* LLCM: ``{vis,nir}/{pid:04d}/{pid:04d}_c{cam:02d}_s{seq:06d}_f{frame}_{vis,nir}.jpg``; train pids
+  1..N/2, test pids N/2+1..N; per (pid, modality) 3 distinct cameras out of 1..9 (never cam 3 for
+  test NIR), 1-3 frames each; every test image is copied under the same name into
+  ``test_{vis,nir}/cam{cam}/{pid:04d}/`` (no ``test_nir/cam3``); ``idx/train_{vis,nir}.txt``
+  (0-based labels in ascending pid order, shared), ``idx/test_{vis,nir}.txt`` (label = pid) and
+  ``idx/test_id.txt``.
+* Exactly ONE infrared file per dataset is saved as a 1-channel (``'L'``) image (its root-relative
+  path is ``manifest['l_mode_file']``); every other infrared file is an RGB image with 3 identical
+  channels.
 
 Image model (why cross-modal matching is learnable but not trivial)
 --------------------------------------------------------------------
 Each identity is a procedurally drawn person, seeded by ``(seed, dataset, pid)``:
 
-* Shape (in units of the person's height): head size, shoulder and waist width, torso length, arm width and
-  length, leg width and gap, sleeves (long/short), lower garment (trousers/shorts/skirt), hair length, and a bag
-  (none / shoulder bag with strap / hand bag) on a fixed side.
-* Materials: hair, skin, upper garment (2 yarns A/B), lower garment (2 yarns A/B), shoes, bag. Each material has
-  a visible RGB colour and a hidden near-infrared reflectance
-  ``ir = clip(0.45 * luma(rgb) + 0.55 * h, 0.04, 0.96)`` with ``h ~ U(0, 1)`` drawn per material (dyes differ in
-  the NIR band, so IR brightness is only partly predictable from colour). Skin is bright in NIR (0.62-0.85).
-  Yarns A and B of a garment differ by at least 0.12 in ``ir`` so that most textures stay visible in IR.
+* Shape (in units of the person's height): head size, shoulder and waist width, torso length, arm
+  width and length, leg width and gap, sleeves (long/short), lower garment (trousers/shorts/skirt),
+  hair length, and a bag (none / shoulder bag with strap / hand bag) on a fixed side.
+* Materials: hair, skin, upper garment (2 yarns A/B), lower garment (2 yarns A/B), shoes, bag. Each
+  material has a visible RGB colour and a hidden near-infrared reflectance
+  ``ir = clip(0.45 * luma(rgb) + 0.55 * h, 0.04, 0.96)`` with ``h ~ U(0, 1)`` drawn per material
+  (dyes differ in the NIR band, so IR brightness is only partly predictable from colour). Skin is
+  bright in NIR (0.62-0.85). Yarns A and B of a garment differ by at least 0.12 in ``ir`` so that
+  most textures stay visible in IR.
 * Texture of each garment: plain, horizontal / vertical / diagonal stripes, checks or dots, with an
   identity-specific frequency (5-11 cycles per person height), angle, phase and duty cycle; texture
   coordinates live on the body, so patterns scale and mirror with the person.
 
-Each image draws a viewpoint: person scale (fraction of the image height), horizontal/vertical shift,
-mirroring, front/back view (back: no face, long hair over the back), leg stride, arm spread, light direction,
-and (p = 0.06) an occluder over the bottom of the image. Cameras differ in background colour and clutter
-(random poles/doors from a camera palette, a floor band) and:
+Each image draws a viewpoint: person scale (fraction of the image height), horizontal/vertical
+shift, mirroring, front/back view (back: no face, long hair over the back), leg stride, arm spread,
+light direction, and (p = 0.06) an occluder over the bottom of the image. Cameras differ in
+background colour and clutter (random poles/doors from a camera palette, a floor band) and:
 
-* visible cameras: gain (illumination, with per-image jitter), colour temperature (per-channel tint),
-  sensor noise; pixel = rgb(material) * shading * gain * tint.
-* near-infrared cameras (SYSU cams 3 and 6, LLCM NIR): pixel = ir(material) * shading * gain; stronger noise,
-  a [1, 2, 1] blur; gray replicated to 3 channels. NOT a gray conversion of the visible image: hue is lost,
-  shape, texture and per-material IR brightness remain.
-* thermal camera (RegDB): pixel = emission(material) * gain over a cool background, where emission is high for
-  skin, lower for clothes (``0.25 + 0.45 * ir``, i.e. tied to the same hidden material property) and textures
-  keep only 40 % of their contrast; two blur passes.
+* visible cameras: gain (illumination, with per-image jitter), colour temperature (per-channel
+  tint), sensor noise; pixel = rgb(material) * shading * gain * tint.
+* near-infrared cameras (SYSU cams 3 and 6, LLCM NIR): pixel = ir(material) * shading * gain;
+  stronger noise, a [1, 2, 1] blur; gray replicated to 3 channels. NOT a gray conversion of the
+  visible image: hue is lost, shape, texture and per-material IR brightness remain.
+* thermal camera (RegDB): pixel = emission(material) * gain over a cool background, where emission
+  is high for skin, lower for clothes (``0.25 + 0.45 * ir``, i.e. tied to the same hidden material
+  property) and textures keep only 40 % of their contrast; two blur passes.
 
-Rendering is vectorised over the images of one (pid, camera) cell at 2x supersampling with meshgrid masks, then
-box-downsampled; PIL is only used to encode the files. ``tests/test_synthesize.py`` checks that a colour
-histogram matches IR queries to visible images at about chance level while a gradient-orientation descriptor is
-clearly above chance.
+Rendering is vectorised over the images of one (pid, camera) cell at 2x supersampling with meshgrid
+masks, then box-downsampled; PIL is only used to encode the files. ``tests/test_synthesize.py``
+checks that a colour histogram matches IR queries to visible images at about chance level while a
+gradient-orientation descriptor is clearly above chance.
 """
 from __future__ import annotations
 
@@ -90,43 +98,50 @@ import numpy as np
 import scipy.io
 from PIL import Image
 
-__all__ = ['DATASETS', 'DEFAULT_SIZE', 'DEFAULT_NUM_IDS', 'make_sysu', 'sysu_split_images', 'make_regdb', 'make_llcm',
-           'synthesize', 'parse_size', 'main']
+__all__ = ['DATASETS', 'DEFAULT_SIZE', 'DEFAULT_NUM_IDS', 'make_sysu', 'sysu_split_images',
+           'make_regdb', 'make_llcm', 'synthesize', 'parse_size', 'main']
 
 DATASETS = ('sysu_mm01', 'regdb', 'llcm')
 DEFAULT_SIZE = (64, 32)  # (H, W) in pixels
 DEFAULT_NUM_IDS = {'sysu_mm01': 60, 'regdb': 24, 'llcm': 24}
 # Smallest pid ranges that still give non-empty train and test splits (SYSU also needs a val split).
 _MIN_NUM_IDS = {'sysu_mm01': 8, 'regdb': 2, 'llcm': 2}
-# Largest pid that fits the on-disk name formats: 4-digit folders (SYSU, LLCM), 5-digit frame = 100 pid + k (RegDB).
+# Largest pid that fits the on-disk name formats: 4-digit folders (SYSU, LLCM), 5-digit
+# frame = 100 pid + k (RegDB).
 _MAX_NUM_IDS = {'sysu_mm01': 9999, 'regdb': 999, 'llcm': 9999}
 _DATASET_CODE = {'sysu_mm01': 1, 'regdb': 2, 'llcm': 3}
-# Keys of the independent random streams, so that e.g. the appearance of pid 7 does not depend on num_ids.
-_STREAM_STRUCTURE, _STREAM_IDENTITY, _STREAM_CAMERA, _STREAM_CELL, _STREAM_PERM, _STREAM_TRIAL = range(6)
+# Keys of the independent random streams, so that e.g. the appearance of pid 7 does not depend on
+# num_ids.
+(_STREAM_STRUCTURE, _STREAM_IDENTITY, _STREAM_CAMERA, _STREAM_CELL, _STREAM_PERM,
+ _STREAM_TRIAL) = range(6)
 
 # Material indices of the person model.
 _HAIR, _SKIN, _UPPER_A, _UPPER_B, _LOWER_A, _LOWER_B, _SHOES, _BAG = range(8)
 _NUM_MATERIALS = 8
 _SUPERSAMPLE = 2
 _JPEG_QUALITY = 90
-# savemat writes the creation time into the 116-byte text header; a fixed text keeps the file byte-identical.
-_MAT_HEADER = b'MATLAB 5.0 MAT-file, Platform: torchreid_vi synthetic, Created on: fixed (deterministic)'
+# savemat writes the creation time into the 116-byte text header; a fixed text keeps the file
+# byte-identical.
+_MAT_HEADER = (b'MATLAB 5.0 MAT-file, Platform: torchreid_vi synthetic, '
+               b'Created on: fixed (deterministic)')
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # random streams
 
 def _rng(seed: int, dataset: str, *keys: int) -> np.random.Generator:
     """Independent generator for (seed, dataset, *keys); keys are non-negative ints."""
-    return np.random.default_rng(np.random.SeedSequence([int(seed), _DATASET_CODE[dataset], *map(int, keys)]))
+    return np.random.default_rng(
+        np.random.SeedSequence([int(seed), _DATASET_CODE[dataset], *map(int, keys)]))
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # identities
 
 @dataclass
 class _Texture:
-    kind: int  # 0 plain, 1 horizontal stripes, 2 vertical stripes, 3 diagonal stripes, 4 checks, 5 dots
+    # 0 plain, 1 horizontal stripes, 2 vertical stripes, 3 diagonal stripes, 4 checks, 5 dots
+    kind: int
     freq: float  # cycles per person height
     angle: float  # radians (diagonal stripes)
     phase: float
@@ -135,7 +150,8 @@ class _Texture:
 
 @dataclass
 class _Identity:
-    """Appearance of one person. Lengths are in units of the person's height (0 = top of head, 1 = soles)."""
+    """Appearance of one person. Lengths are in units of the person's height (0 = top of head,
+    1 = soles)."""
     head_r: float
     width: float  # half shoulder width
     waist: float  # half waist width
@@ -199,13 +215,15 @@ def _draw_identity(rng: np.random.Generator) -> _Identity:
         step = rng.uniform(0.25, 0.55)
         val[b] = val[a] - step if val[a] - step >= 0.08 or val[a] + step > 0.97 else val[a] + step
         val[b] = np.clip(val[b], 0.06, 0.97)
-    hue[_HAIR], sat[_HAIR], val[_HAIR] = rng.uniform(0.02, 0.12), rng.uniform(0.2, 0.7), rng.uniform(0.06, 0.6)
+    hue[_HAIR], sat[_HAIR], val[_HAIR] = (rng.uniform(0.02, 0.12), rng.uniform(0.2, 0.7),
+                                          rng.uniform(0.06, 0.6))
     sat[_SHOES], val[_SHOES] = rng.uniform(0.0, 0.4), rng.uniform(0.05, 0.7)
     rgb = _hsv_to_rgb(hue, sat, val)
     tone = rng.uniform()
     rgb[_SKIN] = (1 - tone) * np.array([0.96, 0.80, 0.68]) + tone * np.array([0.42, 0.28, 0.19])
 
-    # Hidden NIR reflectance: partly correlated with brightness, partly a dye property invisible in RGB.
+    # Hidden NIR reflectance: partly correlated with brightness, partly a dye property invisible in
+    # RGB.
     ir = np.clip(0.45 * _luma(rgb) + 0.55 * rng.uniform(0, 1, _NUM_MATERIALS), 0.04, 0.96)
     ir[_SKIN] = rng.uniform(0.62, 0.85)
     ir[_HAIR] = np.clip(0.25 * _luma(rgb[_HAIR]) + rng.uniform(0.08, 0.5), 0.04, 0.96)
@@ -225,9 +243,10 @@ def _draw_identity(rng: np.random.Generator) -> _Identity:
     return _Identity(
         head_r=head_r, width=width, waist=width * rng.uniform(0.78, 0.96), torso_end=torso_end,
         arm_w=rng.uniform(0.026, 0.04), arm_len=arm_len, leg_w=rng.uniform(0.033, 0.052),
-        leg_gap=rng.uniform(0.0, 0.025), long_sleeves=bool(rng.uniform() < 0.6), lower_kind=lower_kind,
-        hair_len=0.0 if rng.uniform() < 0.6 else rng.uniform(0.08, 0.22), hair_front=rng.uniform(0.05, 0.5),
-        bag_kind=bag_kind, bag_side=int(rng.choice([-1, 1])), bag_w=rng.uniform(0.05, 0.085),
+        leg_gap=rng.uniform(0.0, 0.025), long_sleeves=bool(rng.uniform() < 0.6),
+        lower_kind=lower_kind, hair_len=0.0 if rng.uniform() < 0.6 else rng.uniform(0.08, 0.22),
+        hair_front=rng.uniform(0.05, 0.5), bag_kind=bag_kind, bag_side=int(rng.choice([-1, 1])),
+        bag_w=rng.uniform(0.05, 0.085),
         bag_h=rng.uniform(0.07, 0.13), bag_top=rng.uniform(0.28, 0.40),
         upper=_draw_texture(rng, upper_probs), lower=_draw_texture(rng, lower_probs),
         rgb=rgb.astype(np.float32), ir=ir.astype(np.float32), emission=emission.astype(np.float32))
@@ -237,7 +256,7 @@ def _shoulder_line(head_r: float) -> float:
     return 2.05 * head_r + 0.012
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # cameras
 
 @dataclass
@@ -261,34 +280,43 @@ class _Camera:
 
 def _make_camera(rng: np.random.Generator, cam: int, band: str, gain: float, temperature: float,
                  background: Sequence[float], floor: Sequence[float], noise: float) -> _Camera:
-    """Camera from a preset, jittered by the seed. ``temperature`` > 0 is warm (red up, blue down)."""
+    """Camera from a preset, jittered by the seed. ``temperature`` > 0 is warm (red up, blue
+    down)."""
     channels = 3 if band == 'rgb' else 1
-    background = np.clip(np.asarray(background, np.float64)[:channels] + rng.uniform(-0.05, 0.05, channels), 0, 1)
-    floor = np.clip(np.asarray(floor, np.float64)[:channels] + rng.uniform(-0.04, 0.04, channels), 0, 1)
+    background = np.clip(np.asarray(background, np.float64)[:channels]
+                         + rng.uniform(-0.05, 0.05, channels), 0, 1)
+    floor = np.clip(np.asarray(floor, np.float64)[:channels] + rng.uniform(-0.04, 0.04, channels),
+                    0, 1)
     palette = np.clip(background[None] * rng.uniform(0.45, 1.6, (4, channels)), 0, 1)
     t = temperature + rng.uniform(-0.03, 0.03) if band == 'rgb' else 0.0
     return _Camera(cam=cam, band=band, gain=gain * rng.uniform(0.92, 1.08),
-                   tint=np.array([1 + t, 1.0, 1 - t], np.float32), background=background.astype(np.float32),
-                   palette=palette.astype(np.float32), floor=floor.astype(np.float32), noise=noise,
-                   blur_passes={'rgb': 0, 'nir': 1, 'thermal': 2}[band], scale=(0.82, 0.96), shift=0.07)
+                   tint=np.array([1 + t, 1.0, 1 - t], np.float32),
+                   background=background.astype(np.float32), palette=palette.astype(np.float32),
+                   floor=floor.astype(np.float32), noise=noise,
+                   blur_passes={'rgb': 0, 'nir': 1, 'thermal': 2}[band], scale=(0.82, 0.96),
+                   shift=0.07)
 
 
 def _sysu_cameras(seed: int) -> Dict[int, _Camera]:
     presets = {  # cam: (band, gain, temperature, background, floor, noise)
-        1: ('rgb', 0.85, 0.12, (0.62, 0.55, 0.45), (0.45, 0.38, 0.30), 0.02),  # indoor room 1, warm light
+        # indoor room 1, warm light
+        1: ('rgb', 0.85, 0.12, (0.62, 0.55, 0.45), (0.45, 0.38, 0.30), 0.02),
         2: ('rgb', 0.75, -0.02, (0.45, 0.50, 0.55), (0.30, 0.30, 0.32), 0.025),  # indoor room 2
         3: ('nir', 1.00, 0.0, (0.18,), (0.12,), 0.045),  # room 2 in the dark, NIR illuminator
-        4: ('rgb', 1.10, -0.10, (0.70, 0.72, 0.75), (0.50, 0.50, 0.50), 0.02),  # outdoor gate, daylight
+        # outdoor gate, daylight
+        4: ('rgb', 1.10, -0.10, (0.70, 0.72, 0.75), (0.50, 0.50, 0.50), 0.02),
         5: ('rgb', 1.00, 0.04, (0.35, 0.50, 0.30), (0.45, 0.40, 0.35), 0.02),  # outdoor garden
         6: ('nir', 1.00, 0.0, (0.40,), (0.30,), 0.035),  # outdoor passage
     }
-    return {cam: _make_camera(_rng(seed, 'sysu_mm01', _STREAM_CAMERA, cam), cam, *p) for cam, p in presets.items()}
+    return {cam: _make_camera(_rng(seed, 'sysu_mm01', _STREAM_CAMERA, cam), cam, *p)
+            for cam, p in presets.items()}
 
 
 def _regdb_cameras(seed: int) -> Dict[int, _Camera]:
     return {1: _make_camera(_rng(seed, 'regdb', _STREAM_CAMERA, 1), 1, 'rgb', 0.9, 0.05,
                             (0.55, 0.55, 0.5), (0.4, 0.4, 0.38), 0.02),
-            2: _make_camera(_rng(seed, 'regdb', _STREAM_CAMERA, 2), 2, 'thermal', 1.0, 0.0, (0.12,), (0.2,), 0.03)}
+            2: _make_camera(_rng(seed, 'regdb', _STREAM_CAMERA, 2), 2, 'thermal', 1.0, 0.0,
+                            (0.12,), (0.2,), 0.03)}
 
 
 def _llcm_cameras(seed: int) -> Dict[Tuple[str, int], _Camera]:
@@ -298,14 +326,14 @@ def _llcm_cameras(seed: int) -> Dict[Tuple[str, int], _Camera]:
         rng = _rng(seed, 'llcm', _STREAM_CAMERA, cam)
         background = rng.uniform(0.15, 0.5, 3)
         floor = rng.uniform(0.1, 0.4, 3)
-        cameras['vis', cam] = _make_camera(rng, cam, 'rgb', rng.uniform(0.35, 0.7), rng.uniform(0.0, 0.3),
-                                           background, floor, 0.045)
+        cameras['vis', cam] = _make_camera(rng, cam, 'rgb', rng.uniform(0.35, 0.7),
+                                           rng.uniform(0.0, 0.3), background, floor, 0.045)
         cameras['ir', cam] = _make_camera(rng, cam, 'nir', rng.uniform(0.75, 1.05), 0.0,
                                           (rng.uniform(0.1, 0.45),), (rng.uniform(0.1, 0.4),), 0.04)
     return cameras
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # rendering
 
 def _pattern(tex: _Texture, u: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -314,17 +342,19 @@ def _pattern(tex: _Texture, u: np.ndarray, v: np.ndarray) -> np.ndarray:
     if tex.kind == 0:
         return np.zeros(np.broadcast_shapes(u.shape, v.shape), bool)
     if tex.kind == 1:
-        return np.broadcast_to(np.sin(w * v + tex.phase) > tex.duty, np.broadcast_shapes(u.shape, v.shape))
+        return np.broadcast_to(np.sin(w * v + tex.phase) > tex.duty,
+                               np.broadcast_shapes(u.shape, v.shape))
     if tex.kind == 2:
-        return np.broadcast_to(np.sin(w * u + tex.phase) > tex.duty, np.broadcast_shapes(u.shape, v.shape))
+        return np.broadcast_to(np.sin(w * u + tex.phase) > tex.duty,
+                               np.broadcast_shapes(u.shape, v.shape))
     if tex.kind == 3:
         return np.sin(w * (u * np.cos(tex.angle) + v * np.sin(tex.angle)) + tex.phase) > tex.duty
     prod = np.sin(w * u + tex.phase) * np.sin(w * v + tex.phase)
     return prod > (0.1 * tex.duty if tex.kind == 4 else 0.5 + 0.2 * tex.duty)
 
 
-def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarray, spread: np.ndarray,
-                  back: np.ndarray) -> np.ndarray:
+def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarray,
+                  spread: np.ndarray, back: np.ndarray) -> np.ndarray:
     """Material index per pixel (-1 = background).
 
     u: (n, 1, W) horizontal body coordinate (person heights from the body axis, already mirrored);
@@ -345,12 +375,14 @@ def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarr
         centre = side * (idn.leg_gap + idn.leg_w + stride * below_waist)
         leg = (v >= te) & (v < foot) & (np.abs(u - centre) <= idn.leg_w)
         np.copyto(mat, np.where(v < garment_end, lower, np.int8(_SKIN)), where=leg)
-        shoe = (v >= foot - 0.012) & (v < 1.0) & (np.abs(u - centre - side * 0.008) <= 1.15 * idn.leg_w)
+        shoe = ((v >= foot - 0.012) & (v < 1.0)
+                & (np.abs(u - centre - side * 0.008) <= 1.15 * idn.leg_w))
         np.copyto(mat, np.int8(_SHOES), where=shoe)
     hips = (v >= te - 0.01) & (v < te + 0.05) & (np.abs(u) <= idn.waist + 0.005)
     np.copyto(mat, lower, where=hips)
     if idn.lower_kind == 2:  # skirt: flared trapezoid over the upper legs
-        skirt = (v >= te) & (v < te + 0.5 * (foot - te)) & (np.abs(u) <= idn.waist + 0.35 * (v - te))
+        skirt = ((v >= te) & (v < te + 0.5 * (foot - te))
+                 & (np.abs(u) <= idn.waist + 0.35 * (v - te)))
         np.copyto(mat, lower, where=skirt)
 
     half_width = idn.width + (idn.waist - idn.width) * (v - shoulder) / (te - shoulder)
@@ -359,15 +391,18 @@ def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarr
     sleeve_end = shoulder + (idn.arm_len - 0.03 if idn.long_sleeves else 0.09)
     for side in (-1.0, 1.0):
         centre = side * (idn.width + idn.arm_w / 2 + spread * (v - shoulder))
-        arm = (v >= shoulder + 0.004) & (v < shoulder + idn.arm_len) & (np.abs(u - centre) <= idn.arm_w / 2)
+        arm = ((v >= shoulder + 0.004) & (v < shoulder + idn.arm_len)
+               & (np.abs(u - centre) <= idn.arm_w / 2))
         np.copyto(mat, np.where(v < sleeve_end, upper, np.int8(_SKIN)), where=arm)
 
-    neck = (np.abs(u) <= 0.33 * idn.head_r) & (v >= head_c + 0.6 * idn.head_r) & (v < shoulder + 0.01)
+    neck = ((np.abs(u) <= 0.33 * idn.head_r) & (v >= head_c + 0.6 * idn.head_r)
+            & (v < shoulder + 0.01))
     np.copyto(mat, np.int8(_SKIN), where=neck)
     head = (u / (0.82 * idn.head_r)) ** 2 + ((v - head_c) / idn.head_r) ** 2 <= 1.0
     hair_top = v < head_c - idn.hair_front * idn.head_r
     np.copyto(mat, np.where(hair_top | back, np.int8(_HAIR), np.int8(_SKIN)), where=head)
-    if idn.hair_len > 0:  # long hair: over the back in back views, strands beside the face in front views
+    # long hair: over the back in back views, strands beside the face in front views
+    if idn.hair_len > 0:
         band = (v >= head_c) & (v < head_c + idn.head_r + idn.hair_len)
         behind = band & (np.abs(u) <= 0.85 * idn.head_r) & back
         strands = (v >= head_c - 0.2 * idn.head_r) & (v < head_c + idn.hair_len) & ~back & \
@@ -377,7 +412,8 @@ def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarr
     if idn.bag_kind == 1:  # shoulder bag hanging at the side, strap across the body
         inner = idn.width + 0.3 * idn.arm_w
         side_u = u * idn.bag_side
-        bag = (side_u >= inner) & (side_u < inner + idn.bag_w) & (v >= idn.bag_top) & (v < idn.bag_top + idn.bag_h)
+        bag = ((side_u >= inner) & (side_u < inner + idn.bag_w) & (v >= idn.bag_top)
+               & (v < idn.bag_top + idn.bag_h))
         u0, u1 = -0.6 * idn.width, inner + idn.bag_w / 2
         strap_u = u0 + (u1 - u0) * (v - shoulder) / (idn.bag_top - shoulder)
         strap = (np.abs(side_u - strap_u) <= 0.009) & (v >= shoulder) & (v < idn.bag_top)
@@ -385,8 +421,8 @@ def _material_map(idn: _Identity, u: np.ndarray, v: np.ndarray, stride: np.ndarr
     elif idn.bag_kind == 2:  # hand bag below the hand
         hand = shoulder + idn.arm_len - 0.02
         side_u = u * idn.bag_side
-        bag = (side_u >= idn.width - 0.01) & (side_u < idn.width - 0.01 + idn.bag_w) & (v >= hand) & \
-              (v < hand + idn.bag_h)
+        bag = (side_u >= idn.width - 0.01) & (side_u < idn.width - 0.01 + idn.bag_w) & \
+              (v >= hand) & (v < hand + idn.bag_h)
         np.copyto(mat, np.int8(_BAG), where=bag)
     return mat
 
@@ -407,16 +443,18 @@ def _blur(img: np.ndarray, passes: int) -> np.ndarray:
 
 def _render_cell(idn: _Identity, camera: _Camera, n: int, size: Tuple[int, int],
                  rng: np.random.Generator) -> np.ndarray:
-    """n images of one identity in one camera: uint8 (n, H, W, 3) for visible, (n, H, W) gray for IR.
+    """n images of one identity in one camera: uint8 (n, H, W, 3) for visible, (n, H, W) gray
+    for IR.
 
-    Every supersampled pixel gets a row of a per-image colour table (8 materials, then the background rows of
-    ``_background_labels``) and a brightness multiplier (body shading x gain on the person, a vertical gradient
-    on the background); one gather and one product make the image.
+    Every supersampled pixel gets a row of a per-image colour table (8 materials, then the
+    background rows of ``_background_labels``) and a brightness multiplier (body shading x gain on
+    the person, a vertical gradient on the background); one gather and one product make the image.
     """
     H, W = size
     Hs, Ws = H * _SUPERSAMPLE, W * _SUPERSAMPLE
     f32 = np.float32
-    ys = ((np.arange(Hs, dtype=f32) + 0.5) / _SUPERSAMPLE)[None, :, None]  # output-pixel units, (1, Hs, 1)
+    # output-pixel units, (1, Hs, 1)
+    ys = ((np.arange(Hs, dtype=f32) + 0.5) / _SUPERSAMPLE)[None, :, None]
     xs = ((np.arange(Ws, dtype=f32) + 0.5) / _SUPERSAMPLE)[None, None, :]  # (1, 1, Ws)
 
     def per_image(x):  # (n,) -> (n, 1, 1) float32
@@ -436,7 +474,8 @@ def _render_cell(idn: _Identity, camera: _Camera, n: int, size: Tuple[int, int],
     u = (xs - centre_x) / person_h * mirror  # (n, 1, Ws)
     mat = _material_map(idn, u, v, stride, spread, back)
     body_half = f32(idn.width + idn.arm_w + 0.02)
-    lateral = np.minimum((u / body_half) ** 2, 1) * f32(0.28) - f32(0.08) * light * u * mirror / body_half
+    lateral = (np.minimum((u / body_half) ** 2, 1) * f32(0.28)
+               - f32(0.08) * light * u * mirror / body_half)
     shading = np.clip(f32(1.0) - lateral - f32(0.1) * v, 0.4, 1.2)  # (n, Hs, Ws)
 
     if camera.band == 'rgb':
@@ -454,7 +493,8 @@ def _render_cell(idn: _Identity, camera: _Camera, n: int, size: Tuple[int, int],
     is_person = mat >= 0
     row = np.where(is_person, mat, bg_label + np.int8(_NUM_MATERIALS))
     brightness = np.where(is_person, person_light, f32(1.0) - f32(0.2) * ys / H)
-    occluded = (rng.uniform(size=n) < 0.06)[:, None, None]  # a bench/railing over the bottom of the image
+    # a bench/railing over the bottom of the image
+    occluded = (rng.uniform(size=n) < 0.06)[:, None, None]
     occ_top = per_image(rng.uniform(0.78, 0.9, n) * H)
     occluder = occluded & (ys >= occ_top)
     np.copyto(row, np.int8(_NUM_MATERIALS + 1), where=occluder)  # in the first clutter colour
@@ -476,7 +516,8 @@ def _background_labels(camera: _Camera, n: int, H: int, W: int, ys: np.ndarray, 
                        rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """Camera background as labels int8 (n, Hs, Ws) and colours float32 (n, 5, C).
 
-    Label 0 is the base colour, 1..3 three clutter boxes (poles, doors) in palette colours, 4 the floor band.
+    Label 0 is the base colour, 1..3 three clutter boxes (poles, doors) in palette colours, 4 the
+    floor band.
     """
     C = camera.background.shape[0]
     labels = np.zeros((n, ys.shape[1], xs.shape[2]), np.int8)
@@ -489,17 +530,19 @@ def _background_labels(camera: _Camera, n: int, H: int, W: int, ys: np.ndarray, 
         y0 = rng.uniform(-0.2, 0.6, n)[:, None, None] * H
         h = rng.uniform(0.2, 1.0, n)[:, None, None] * H
         colours[:, k] = camera.palette[rng.integers(len(camera.palette), size=n)]
-        np.copyto(labels, np.int8(k), where=((xs >= x0) & (xs < x0 + w)) & ((ys >= y0) & (ys < y0 + h)))
+        np.copyto(labels, np.int8(k),
+                  where=((xs >= x0) & (xs < x0 + w)) & ((ys >= y0) & (ys < y0 + h)))
     floor_y = rng.uniform(0.82, 0.95, n)[:, None, None] * H
     np.copyto(labels, np.int8(4), where=ys >= floor_y)
     return labels, colours
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # file writing
 
 def _encode(pixels: np.ndarray, fmt: str, l_mode: bool = False) -> bytes:
-    """Encode one image. pixels: (H, W, 3) uint8 RGB, or (H, W) gray (replicated to RGB unless l_mode)."""
+    """Encode one image. pixels: (H, W, 3) uint8 RGB, or (H, W) gray (replicated to RGB unless
+    l_mode)."""
     if pixels.ndim == 2 and not l_mode:
         pixels = np.repeat(pixels[..., None], 3, axis=2)
     image = Image.fromarray(pixels, 'L' if pixels.ndim == 2 else 'RGB')
@@ -535,9 +578,10 @@ def _prepare_root(root, dataset: str, exist_ok: bool) -> Path:
     if root.exists() and not root.is_dir():
         raise NotADirectoryError(f'{dataset}: dataset root {root} exists and is not a directory')
     if root.is_dir() and any(root.iterdir()) and not exist_ok:
-        raise FileExistsError(f'{dataset}: dataset root {root} is not empty; the generator writes a complete '
-                              f'dataset there and would mix with the old files. Use an empty or new folder '
-                              f'(or exist_ok=True / --exist-ok to overwrite file by file).')
+        raise FileExistsError(f'{dataset}: dataset root {root} is not empty; the generator '
+                              f'writes a complete dataset there and would mix with the old files. '
+                              f'Use an empty or new folder (or exist_ok=True / --exist-ok to '
+                              f'overwrite file by file).')
     root.mkdir(parents=True, exist_ok=True)
     return root
 
@@ -572,13 +616,15 @@ def parse_size(size) -> Tuple[int, int]:
         try:
             size = tuple(int(p) for p in parts)
         except ValueError:
-            raise ValueError(f'size must be "HxW" with integer H and W (e.g. "64x32"), got {size!r}') from None
-    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) for s in size) or size[0] < 16 or size[1] < 8:
+            raise ValueError(f'size must be "HxW" with integer H and W (e.g. "64x32"), '
+                             f'got {size!r}') from None
+    if len(size) != 2 or not all(isinstance(s, (int, np.integer)) for s in size) or size[0] < 16 \
+            or size[1] < 8:
         raise ValueError(f'size must be (H, W) with H >= 16 and W >= 8 pixels, got {size!r}')
     return int(size[0]), int(size[1])
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # SYSU-MM01
 
 def _sysu_structure(seed: int, num_ids: int, num_test_ids: Optional[int] = None) -> dict:
@@ -601,9 +647,10 @@ def _sysu_structure(seed: int, num_ids: int, num_test_ids: Optional[int] = None)
     else:
         n_test = int(num_test_ids)
         if not 1 <= n_test <= len(available) - n_val - 1:
-            raise ValueError(f'sysu_mm01: num_test_ids must be in [1, {len(available) - n_val - 1}] '
-                             f'with num_ids={num_ids} ({len(available)} available ids, {n_val} val, at '
-                             f'least 1 train), got {num_test_ids!r}')
+            raise ValueError(f'sysu_mm01: num_test_ids must be in '
+                             f'[1, {len(available) - n_val - 1}] with num_ids={num_ids} '
+                             f'({len(available)} available ids, {n_val} val, at least 1 train), '
+                             f'got {num_test_ids!r}')
     shuffled = [int(p) for p in rng.permutation(available)]
     test = sorted(shuffled[:n_test])
     val = sorted(shuffled[n_test:n_test + n_val])
@@ -612,7 +659,8 @@ def _sysu_structure(seed: int, num_ids: int, num_test_ids: Optional[int] = None)
     cells: Dict[int, Dict[int, int]] = {}  # pid -> {cam: n}
     test_set = set(test)
     for pid in available:
-        cams = [1, 2, 3] + [c for c in (4, 5, 6) if rng.uniform() >= 0.25 or (c == 6 and pid in test_set)]
+        cams = [1, 2, 3] + [c for c in (4, 5, 6)
+                            if rng.uniform() >= 0.25 or (c == 6 and pid in test_set)]
         cells[pid] = {c: int(rng.integers(12, 21)) for c in cams}
     for pid in single:
         cells[pid] = {int(rng.integers(1, 7)): int(rng.integers(12, 21))}
@@ -625,25 +673,27 @@ def _sysu_structure(seed: int, num_ids: int, num_test_ids: Optional[int] = None)
         short_pid, short_cam = test[int(rng.integers(len(test)))], 5
     cells[short_pid][short_cam] = 7
 
-    # N_c = largest pid with images in camera c; make sure at least one camera is shorter than the largest pid.
+    # N_c = largest pid with images in camera c; make sure at least one camera is shorter than the
+    # largest pid.
     largest = max(cells)
     if all(c in cells[largest] for c in range(1, 7)):
         drop = 4 if (largest, 4) != (short_pid, short_cam) else 5
         del cells[largest][drop]
-    return {'gaps': gaps, 'single': single, 'available': available, 'train': train, 'val': val, 'test': test,
-            'cells': cells, 'short_cell': (short_pid, short_cam)}
+    return {'gaps': gaps, 'single': single, 'available': available, 'train': train, 'val': val,
+            'test': test, 'cells': cells, 'short_cell': (short_pid, short_cam)}
 
 
 def _sysu_check(seed, num_ids, size, num_test_ids) -> Tuple[int, int, Tuple[int, int], dict]:
     seed, num_ids, size = _check_args('sysu_mm01', seed, num_ids, size)
-    if num_test_ids is not None and (isinstance(num_test_ids, bool) or not isinstance(num_test_ids, (int, np.integer))):
+    if num_test_ids is not None and (isinstance(num_test_ids, bool)
+                                     or not isinstance(num_test_ids, (int, np.integer))):
         raise ValueError(f'sysu_mm01: num_test_ids must be an int or None, got {num_test_ids!r}')
     return seed, num_ids, size, _sysu_structure(seed, num_ids, num_test_ids)
 
 
 def _sysu_files(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int]):
-    """Yield ``(pid, cam, k, modality, jpeg bytes)`` of every image of ``pids`` (k = 1..n), exactly the
-    bytes :func:`make_sysu` writes to ``cam{cam}/{pid:04d}/{k:04d}.jpg``."""
+    """Yield ``(pid, cam, k, modality, jpeg bytes)`` of every image of ``pids`` (k = 1..n), exactly
+    the bytes :func:`make_sysu` writes to ``cam{cam}/{pid:04d}/{k:04d}.jpg``."""
     cameras = _sysu_cameras(seed)
     cells = st['cells']
     l_mode = (st['test'][0], 3, 1)  # the first query image of the first test pid
@@ -652,9 +702,11 @@ def _sysu_files(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int])
         for cam in sorted(cells[pid]):
             n = cells[pid][cam]
             camera = cameras[cam]
-            pixels = _render_cell(idn, camera, n, size, _rng(seed, 'sysu_mm01', _STREAM_CELL, cam, pid))
+            pixels = _render_cell(idn, camera, n, size,
+                                  _rng(seed, 'sysu_mm01', _STREAM_CELL, cam, pid))
             for k in range(1, n + 1):
-                yield pid, cam, k, camera.modality, _encode(pixels[k - 1], 'JPEG', l_mode=(pid, cam, k) == l_mode)
+                yield pid, cam, k, camera.modality, _encode(pixels[k - 1], 'JPEG',
+                                                            l_mode=(pid, cam, k) == l_mode)
 
 
 def _sysu_chunk(job) -> list:
@@ -663,9 +715,11 @@ def _sysu_chunk(job) -> list:
     return list(_sysu_files(seed, st, size, pids))
 
 
-def _sysu_files_parallel(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int], workers: int):
-    """:func:`_sysu_files` over ``workers`` forked processes, in the same order with the same bytes (every pid
-    has its own random streams). Serial where ``fork`` is unavailable or ``workers <= 1``."""
+def _sysu_files_parallel(seed: int, st: dict, size: Tuple[int, int], pids: Sequence[int],
+                         workers: int):
+    """:func:`_sysu_files` over ``workers`` forked processes, in the same order with the same bytes
+    (every pid has its own random streams). Serial where ``fork`` is unavailable or
+    ``workers <= 1``."""
     import multiprocessing
     pids = sorted(pids)
     if workers <= 1 or len(pids) < 2 or 'fork' not in multiprocessing.get_all_start_methods():
@@ -678,13 +732,15 @@ def _sysu_files_parallel(seed: int, st: dict, size: Tuple[int, int], pids: Seque
             yield from files
 
 
-def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
+def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None,
+                      size=DEFAULT_SIZE, *,
                       num_test_ids: Optional[int] = None) -> Dict[Tuple[int, int], List[bytes]]:
-    """The JPEG files of one split (``'train'``, ``'val'`` or ``'test'``) of the SYSU-MM01 that :func:`make_sysu`
-    would write with the same arguments, in memory: ``{(pid, cam): [bytes of 0001.jpg, 0002.jpg, ...]}``.
+    """The JPEG files of one split (``'train'``, ``'val'`` or ``'test'``) of the SYSU-MM01 that
+    :func:`make_sysu` would write with the same arguments, in memory:
+    ``{(pid, cam): [bytes of 0001.jpg, 0002.jpg, ...]}``.
 
-    Every identity and cell has its own random stream, so the other pids need not be drawn: a check on the
-    images of a large dataset's test split (e.g. the demo's) costs only that split.
+    Every identity and cell has its own random stream, so the other pids need not be drawn: a check
+    on the images of a large dataset's test split (e.g. the demo's) costs only that split.
     """
     if split not in ('train', 'val', 'test'):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
@@ -697,19 +753,23 @@ def sysu_split_images(split: str, seed: int = 0, num_ids: Optional[int] = None, 
 
 def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
               exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
-    """Write a synthetic SYSU-MM01 under ``root`` (the dataset root) and return its manifest (module docstring).
+    """Write a synthetic SYSU-MM01 under ``root`` (the dataset root) and return its
+    manifest (module docstring).
 
-    ``num_test_ids``: identities in the test split (default: half of the available ids); the rest of the
-    available ids are train + val. Fixing it lets ``num_ids`` grow the training set without growing the gallery.
-    ``workers``: processes that render the images (forked where the platform can; the files are byte-identical
-    whatever the number).
+    ``num_test_ids``: identities in the test split (default: half of the available ids); the rest of
+    the available ids are train + val. Fixing it lets ``num_ids`` grow the training set without
+    growing the gallery.
+    ``workers``: processes that render the images (forked where the platform can; the files are
+    byte-identical whatever the number).
     """
-    seed, num_ids, size, st = _sysu_check(seed, num_ids, size, num_test_ids)  # before anything is written
+    # before anything is written
+    seed, num_ids, size, st = _sysu_check(seed, num_ids, size, num_test_ids)
     root = _prepare_root(root, 'sysu_mm01', exist_ok)
     cells = st['cells']
     l_mode = (st['test'][0], 3, 1)  # the first query image of the first test pid
     records: Dict[int, List[Tuple[int, int, str]]] = {}  # pid -> (pid, cam, modality) per image
-    for pid, cam, k, modality, data in _sysu_files_parallel(seed, st, size, sorted(cells), int(workers)):
+    for pid, cam, k, modality, data in _sysu_files_parallel(seed, st, size, sorted(cells),
+                                                            int(workers)):
         folder = root / f'cam{cam}' / f'{pid:04d}'
         if k == 1:
             folder.mkdir(parents=True, exist_ok=True)
@@ -720,7 +780,8 @@ def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
     newline = {'train': True, 'val': False, 'test': True, 'available': False}
     for name in ('train', 'val', 'test', 'available'):
         ids = st[name]
-        _write_text(exp / f'{name}_id.txt', [','.join(str(p) for p in ids)], trailing_newline=newline[name])
+        _write_text(exp / f'{name}_id.txt', [','.join(str(p) for p in ids)],
+                    trailing_newline=newline[name])
         _write_mat(exp / f'{name}_id.mat', {'id': np.asarray(ids, np.uint16)[None, :]})
 
     perm_manifest: Dict[str, Dict[str, list]] = {}
@@ -752,17 +813,19 @@ def make_sysu(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
         'splits': {'train': _summary(split(train_ids, range(1, 7))),
                    'query': _summary(split(st['test'], (3, 6))),
                    'gallery': _summary(split(st['test'], (1, 2, 4, 5)))},
-        'ids': {'train': st['train'], 'val': st['val'], 'test': st['test'], 'available': st['available'],
-                'with_images': sorted(cells), 'single_camera': st['single'], 'gaps': st['gaps']},
+        'ids': {'train': st['train'], 'val': st['val'], 'test': st['test'],
+                'available': st['available'], 'with_images': sorted(cells),
+                'single_camera': st['single'], 'gaps': st['gaps']},
         'id_file_trailing_newline': newline,
-        'cells': {str(c): {str(p): cells[p][c] for p in sorted(cells) if c in cells[p]} for c in range(1, 7)},
+        'cells': {str(c): {str(p): cells[p][c] for p in sorted(cells) if c in cells[p]}
+                  for c in range(1, 7)},
         'short_cell': {'pid': st['short_cell'][0], 'cam': st['short_cell'][1], 'num_images': 7},
         'perm': perm_manifest, 'perm_num_pids': num_pids_per_cam,
         'l_mode_file': f'cam{l_mode[1]}/{l_mode[0]:04d}/{l_mode[2]:04d}.jpg',
     }
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # RegDB
 
 _REGDB_IMAGES_PER_PID = 10
@@ -788,7 +851,8 @@ def make_regdb(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_
     for pid in pids:
         idn = _draw_identity(_rng(seed, 'regdb', _STREAM_IDENTITY, pid))
         for cam, folder, letter in ((1, 'Visible', 'v'), (2, 'Thermal', 't')):
-            pixels = _render_cell(idn, cameras[cam], n, size, _rng(seed, 'regdb', _STREAM_CELL, cam, pid))
+            pixels = _render_cell(idn, cameras[cam], n, size,
+                                  _rng(seed, 'regdb', _STREAM_CELL, cam, pid))
             rels = [f'{folder}/{pid}/{_regdb_name(pid, k, letter)}' for k in range(n)]
             (root / folder / str(pid)).mkdir(parents=True, exist_ok=True)
             for rel, image in zip(rels, pixels):
@@ -802,22 +866,25 @@ def make_regdb(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_
         halves = {'train': order[:n_train], 'test': order[n_train:]}
         for part, half in halves.items():
             for modality, name in (('vis', 'visible'), ('ir', 'thermal')):
-                lines = [f'{rel} {label}' for label, pid in enumerate(half) for rel in paths[pid, modality]]
+                lines = [f'{rel} {label}' for label, pid in enumerate(half)
+                         for rel in paths[pid, modality]]
                 _write_text(root / 'idx' / f'{part}_{name}_{t}.txt', lines)
         trial_pids[str(t)] = halves
 
         def records(half, modalities):
-            return [(pid, 1 if m == 'vis' else 2, m) for pid in half for m in modalities for _ in range(n)]
+            return [(pid, 1 if m == 'vis' else 2, m) for pid in half for m in modalities
+                    for _ in range(n)]
 
         trials[str(t)] = {'train': _summary(records(halves['train'], ('vis', 'ir'))),
                           'query': _summary(records(halves['test'], ('ir',))),
                           'gallery': _summary(records(halves['test'], ('vis',)))}
-    return {'dataset': 'regdb', 'root': str(root), 'seed': seed, 'size': list(size), 'trials': trials,
-            'trial_pids': trial_pids, 'ids': pids, 'images_per_pid': {'vis': n, 'ir': n},
+    return {'dataset': 'regdb', 'root': str(root), 'seed': seed, 'size': list(size),
+            'trials': trials, 'trial_pids': trial_pids, 'ids': pids,
+            'images_per_pid': {'vis': n, 'ir': n},
             'l_mode_file': l_mode_file}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # LLCM
 
 def make_llcm(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
@@ -830,10 +897,12 @@ def make_llcm(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
     train_ids = list(range(1, n_train + 1))
     test_ids = list(range(n_train + 1, num_ids + 1))
     rng = _rng(seed, 'llcm', _STREAM_STRUCTURE)
-    cells: Dict[str, Dict[int, Dict[int, int]]] = {'vis': {}, 'ir': {}}  # modality -> pid -> cam -> n
+    # modality -> pid -> cam -> n
+    cells: Dict[str, Dict[int, Dict[int, int]]] = {'vis': {}, 'ir': {}}
     for pid in range(1, num_ids + 1):
         for modality in ('vis', 'ir'):
-            allowed = [c for c in range(1, 10) if not (modality == 'ir' and pid > n_train and c == 3)]
+            allowed = [c for c in range(1, 10)
+                       if not (modality == 'ir' and pid > n_train and c == 3)]
             cams = sorted(int(c) for c in rng.choice(allowed, 3, replace=False))
             cells[modality][pid] = {c: int(rng.integers(1, 4)) for c in cams}
 
@@ -847,7 +916,8 @@ def make_llcm(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
                 cell_rng = _rng(seed, 'llcm', _STREAM_CELL, cam, pid, code)
                 pixels = _render_cell(idn, cameras[modality, cam], n, size, cell_rng)
                 frames = np.sort(cell_rng.choice(np.arange(1, 10000), n, replace=False))
-                seq = 100 * pid + 10 * cam + code  # unique per (pid, cam, modality), 6 digits for pid <= 9999
+                # unique per (pid, cam, modality), 6 digits for pid <= 9999
+                seq = 100 * pid + 10 * cam + code
                 test_folder = root / f'test_{folder[modality]}' / f'cam{cam}' / f'{pid:04d}'
                 (root / folder[modality] / f'{pid:04d}').mkdir(parents=True, exist_ok=True)
                 if pid > n_train:
@@ -855,7 +925,8 @@ def make_llcm(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
                 for image, frame in zip(pixels, frames):
                     name = f'{pid:04d}_c{cam:02d}_s{seq:06d}_f{frame}_{folder[modality]}.jpg'
                     rel = f'{folder[modality]}/{pid:04d}/{name}'
-                    l_mode = modality == 'ir' and l_mode_file is None  # first NIR image of train pid 1
+                    # first NIR image of train pid 1
+                    l_mode = modality == 'ir' and l_mode_file is None
                     data = _encode(image, 'JPEG', l_mode=l_mode)
                     l_mode_file = rel if l_mode else l_mode_file
                     (root / rel).write_bytes(data)
@@ -880,18 +951,20 @@ def make_llcm(root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_S
             'splits': {'train': summary(False, ('vis', 'ir')), 'query': summary(True, ('ir',)),
                        'gallery': summary(True, ('vis',))},
             'train_ids': train_ids, 'test_ids': test_ids,
-            'cells': {m: {str(p): {str(c): k for c, k in cells[m][p].items()} for p in cells[m]} for m in cells},
+            'cells': {m: {str(p): {str(c): k for c, k in cells[m][p].items()} for p in cells[m]}
+                      for m in cells},
             'l_mode_file': l_mode_file}
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # dispatch and CLI
 
 _MAKERS = {'sysu_mm01': make_sysu, 'regdb': make_regdb, 'llcm': make_llcm}
 
 
-def synthesize(dataset: str, root, seed: int = 0, num_ids: Optional[int] = None, size=DEFAULT_SIZE, *,
-               exist_ok: bool = False, num_test_ids: Optional[int] = None, workers: int = 1) -> dict:
+def synthesize(dataset: str, root, seed: int = 0, num_ids: Optional[int] = None,
+               size=DEFAULT_SIZE, *, exist_ok: bool = False, num_test_ids: Optional[int] = None,
+               workers: int = 1) -> dict:
     """Dispatch to make_sysu / make_regdb / make_llcm by name ('sysu_mm01' | 'regdb' | 'llcm').
 
     ``num_test_ids`` and ``workers`` are SYSU-MM01 options (see :func:`make_sysu`).
@@ -899,12 +972,12 @@ def synthesize(dataset: str, root, seed: int = 0, num_ids: Optional[int] = None,
     if dataset not in _MAKERS:
         raise ValueError(f'unknown dataset {dataset!r}; expected one of {", ".join(DATASETS)}')
     if dataset == 'sysu_mm01':
-        return make_sysu(root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok, num_test_ids=num_test_ids,
-                         workers=workers)
+        return make_sysu(root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok,
+                         num_test_ids=num_test_ids, workers=workers)
     for name, value, default in (('num_test_ids', num_test_ids, None), ('workers', workers, 1)):
         if value != default:
-            raise ValueError(f'{dataset}: {name} is a sysu_mm01 option (RegDB and LLCM split their ids in halves '
-                             f'and are small), got {name}={value!r}')
+            raise ValueError(f'{dataset}: {name} is a sysu_mm01 option (RegDB and LLCM split '
+                             f'their ids in halves and are small), got {name}={value!r}')
     return _MAKERS[dataset](root, seed=seed, num_ids=num_ids, size=size, exist_ok=exist_ok)
 
 
@@ -918,45 +991,53 @@ def _is_inside(path: Path, folder: Path) -> bool:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='python -m torchreid_vi.tools.synthesize',
-                                     description='Write a synthetic SYSU-MM01 / RegDB / LLCM dataset in the real '
-                                                 'on-disk layout.')
+                                     description='Write a synthetic SYSU-MM01 / RegDB / LLCM '
+                                                 'dataset in the real on-disk layout.')
     parser.add_argument('--dataset', required=True, choices=DATASETS)
-    parser.add_argument('--root', required=True, help='dataset root to create (e.g. /tmp/data/SYSU-MM01)')
+    parser.add_argument('--root', required=True,
+                        help='dataset root to create (e.g. /tmp/data/SYSU-MM01)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--num-ids', type=int, default=None,
                         help='pid range 1..N (defaults: ' +
                              ', '.join(f'{k} {v}' for k, v in DEFAULT_NUM_IDS.items()) + ')')
     parser.add_argument('--num-test-ids', type=int, default=None,
-                        help='sysu_mm01 only: identities in the test split (default: half of the available ids)')
+                        help='sysu_mm01 only: identities in the test split (default: half of '
+                             'the available ids)')
     parser.add_argument('--workers', type=int, default=1,
-                        help='sysu_mm01 only: processes rendering the images (same bytes whatever the number)')
-    parser.add_argument('--size', default='{}x{}'.format(*DEFAULT_SIZE), help='image size HxW (default 64x32)')
-    parser.add_argument('--manifest', default=None, help='write the manifest JSON here (outside --root)')
-    parser.add_argument('--exist-ok', action='store_true', help='write into a non-empty root (file by file)')
+                        help='sysu_mm01 only: processes rendering the images (same bytes '
+                             'whatever the number)')
+    parser.add_argument('--size', default='{}x{}'.format(*DEFAULT_SIZE),
+                        help='image size HxW (default 64x32)')
+    parser.add_argument('--manifest', default=None,
+                        help='write the manifest JSON here (outside --root)')
+    parser.add_argument('--exist-ok', action='store_true',
+                        help='write into a non-empty root (file by file)')
     args = parser.parse_args(argv)
     root = Path(os.path.abspath(args.root))
     manifest_path = Path(os.path.abspath(args.manifest)) if args.manifest else None
     if manifest_path is not None and _is_inside(manifest_path, root):
-        parser.error(f'--manifest {args.manifest} is inside --root {args.root}; the root must hold exactly the '
-                     f'dataset layout, put the manifest elsewhere')
+        parser.error(f'--manifest {args.manifest} is inside --root {args.root}; the root must hold '
+                     f'exactly the dataset layout, put the manifest elsewhere')
     try:
         size = parse_size(args.size)
         start = time.perf_counter()
         manifest = synthesize(args.dataset, root, seed=args.seed, num_ids=args.num_ids, size=size,
-                              exist_ok=args.exist_ok, num_test_ids=args.num_test_ids, workers=args.workers)
+                              exist_ok=args.exist_ok, num_test_ids=args.num_test_ids,
+                              workers=args.workers)
         seconds = time.perf_counter() - start
     except (ValueError, FileExistsError, NotADirectoryError) as error:
         parser.error(str(error))
     if manifest_path is not None:
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(json.dumps(manifest, indent=1, sort_keys=True) + '\n')
-    groups = manifest['splits'] if 'splits' in manifest else {f'trial1/{k}': v
-                                                                for k, v in manifest['trials']['1'].items()}
-    print(f'{args.dataset}: wrote {root} in {seconds:.2f} s (seed {args.seed}, size {size[0]}x{size[1]})')
+    groups = manifest['splits'] if 'splits' in manifest else {
+        f'trial1/{k}': v for k, v in manifest['trials']['1'].items()}
+    print(f'{args.dataset}: wrote {root} in {seconds:.2f} s (seed {args.seed}, '
+          f'size {size[0]}x{size[1]})')
     for name, s in groups.items():
-        print(f'  {name:14s} vis {len(s["vis"]["ids"]):4d} ids {s["vis"]["num_images"]:6d} images cams '
-              f'{s["vis"]["cams"]} | ir {len(s["ir"]["ids"]):4d} ids {s["ir"]["num_images"]:6d} images cams '
-              f'{s["ir"]["cams"]}')
+        print(f'  {name:14s} vis {len(s["vis"]["ids"]):4d} ids {s["vis"]["num_images"]:6d} '
+              f'images cams {s["vis"]["cams"]} | ir {len(s["ir"]["ids"]):4d} ids '
+              f'{s["ir"]["num_images"]:6d} images cams {s["ir"]["cams"]}')
     if manifest_path is not None:
         print(f'  manifest: {manifest_path}')
     return 0
