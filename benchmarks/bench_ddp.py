@@ -44,7 +44,7 @@ def timed_steps(args):
     """``(gradients of the first step, seconds per step over the timed steps)`` of this
     process (its rank's slice under a process group)."""
     cfg = engine_config(args.engine, opts=['data.height', str(args.height),
-                                            'data.width', str(args.width)])
+                                            'data.width', str(args.width), *args.opts])
     runner = StepRunner(cfg, args.ids, args.per_id, torch.device('cpu'),
                         dtype=getattr(torch, args.dtype), no_dropout=True)
     batch = runner.batch()
@@ -76,6 +76,9 @@ def main(argv=None) -> int:
     parser.add_argument('--per-id', type=int, default=2, help='images per id and modality (K)')
     parser.add_argument('--threads', type=int, default=os.cpu_count(),
                         help='torch threads of the single process (default: all cores)')
+    parser.add_argument('opts', nargs='*', metavar='KEY VALUE',
+                        help='config overrides for both runs, e.g. vi.dist.global_loss False '
+                             '(what a per-rank loss changes and saves)')
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     single_grads, single_s = timed_steps(args)
@@ -89,8 +92,9 @@ def main(argv=None) -> int:
         return 1
     diff = max_relative_difference(single_grads, two['grads'])
     ratio = two['seconds'] / single_s
+    overrides = ''.join(f', {k} {v}' for k, v in zip(args.opts[::2], args.opts[1::2]))
     print(f'{args.engine} ({args.dtype}, global batch {2 * args.ids * args.per_id} at '
-          f'{args.height}x{args.width}): 1 process ({args.threads} threads) '
+          f'{args.height}x{args.width}{overrides}): 1 process ({args.threads} threads) '
           f'{single_s * 1e3:.0f} ms/step, 2 gloo processes (1 thread each) '
           f'{two["seconds"] * 1e3:.0f} ms/step; load average {os.getloadavg()[0]:.1f}')
     print(f'ddp: grad_max_rel_diff={diff:.2e} step_ratio_2proc={ratio:.2f}')

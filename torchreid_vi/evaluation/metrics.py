@@ -505,6 +505,17 @@ def _default_threads() -> int:
     return max(1, min(int(torch.get_num_threads()), os.cpu_count() or 1))
 
 
+def _rows_per_step(step: int, chunk_size: Optional[int]) -> int:
+    """Query rows per numpy call sequence: ``step``, at most ``chunk_size`` when given."""
+    return step if chunk_size is None else min(step, chunk_size)
+
+
+def _per_query_outputs(nq: int, T: int):
+    """Zeroed (nq, T) outputs of an engine: first-match rank, AP, INP, valid flag."""
+    return (np.zeros((nq, T), np.int64), np.zeros((nq, T)), np.zeros((nq, T)),
+            np.zeros((nq, T), bool))
+
+
 class _BatchEngine:
     """A trial batch evaluated on blocks of query rows; per-query outputs (nq, T).
 
@@ -519,12 +530,8 @@ class _BatchEngine:
         nq, T = len(qp), batch.T
         self.batch, self.identity = batch, cmc_mode == 'identity'
         self.qv, self.qc = batch.vocab_index(qp), qc
-        self.step = max(8, _BLOCK_ELEMS // (T * batch.kind.M))
-        if chunk_size is not None:
-            self.step = min(self.step, chunk_size)
-        self.first = np.zeros((nq, T), np.int64)
-        self.ap, self.inp = np.zeros((nq, T)), np.zeros((nq, T))
-        self.valid = np.zeros((nq, T), bool)
+        self.step = _rows_per_step(max(8, _BLOCK_ELEMS // (T * batch.kind.M)), chunk_size)
+        self.first, self.ap, self.inp, self.valid = _per_query_outputs(nq, T)
 
     def process(self, block: np.ndarray, a: int) -> None:
         """Evaluate the queries a .. a + len(block) from their distance rows ``block``."""
@@ -921,12 +928,8 @@ class _PoolEngine:
         nq, T = len(qp), pool.T
         self.pool, self.room, self.qp, self.qc = pool, room, qp, qc
         self.in_room = (qc == LOCATION_QUERY_CAM) if room is not None else None
-        self.step = max(4, _POOL_BYTES // pool.row_bytes())
-        if chunk_size is not None:
-            self.step = min(self.step, chunk_size)
-        self.first = np.zeros((nq, T), np.int64)
-        self.ap, self.inp = np.zeros((nq, T)), np.zeros((nq, T))
-        self.valid = np.zeros((nq, T), bool)
+        self.step = _rows_per_step(max(4, _POOL_BYTES // pool.row_bytes()), chunk_size)
+        self.first, self.ap, self.inp, self.valid = _per_query_outputs(nq, T)
 
     def process(self, block: np.ndarray, a: int) -> None:
         if self.room is None:

@@ -59,7 +59,7 @@ DEMO_DATA = {'seed': 0, 'num_ids': 530, 'num_test_ids': 24, 'size': (64, 32)}
 # The paper's Table-4 "baseline" row: L_V + L_I only (no X block, no CMG, no test-time fusion).
 BASELINE_OPTS = ['xiv.use_x', 'False', 'xiv.use_cmg', 'False', 'xiv.fusion', 'False']
 # The baseline run costs ~2/3 of the XIV run (no X block): off by default to keep `make demo`
-# within 5 minutes on 2 cores (--baseline adds it; its numbers are in the report of issue 12).
+# within 5 minutes on 2 cores (--baseline adds it; README.md gives what it measured).
 RUN_BASELINE = False
 _STAMP = 'synthetic.json'  # in <out>/data, beside (not inside) the dataset root
 

@@ -177,6 +177,12 @@ def plot_cmc(curves: Dict[str, np.ndarray], path: str,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc='lower right')
     ax.set_title(title or 'CMC (mean over trials)', fontsize=10)
+    return _save(fig, path, note)
+
+
+def _save(fig, path: str, note: str) -> str:
+    """Write ``fig`` to ``path`` with ``note`` in small print at the bottom; close it."""
+    import matplotlib.pyplot as plt
     if note:
         fig.text(0.01, 0.005, note, fontsize=7, color='0.4')
     fig.tight_layout(rect=(0, 0.02, 1, 1))
@@ -289,12 +295,7 @@ def plot_training(curves: Curves, path: str, title: str = '', note: str = '') ->
     for ax in axes[-1]:
         ax.set_xlabel('step', fontsize=9)
     fig.suptitle(title or 'training', fontsize=11)
-    if note:
-        fig.text(0.01, 0.005, note, fontsize=7, color='0.4')
-    fig.tight_layout(rect=(0, 0.02, 1, 1))
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _save(fig, path, note)
 
 
 def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
