@@ -281,6 +281,30 @@ def test_csa_terms_against_direct_formula():
             and float(l_sm_off) == 0.0)
 
 
+def test_distillation_and_csa_terms_send_gradient_into_both_branches():
+    """The released code has no stop-gradient anywhere (spec §3, "no detach"): T_dist pulls the
+    specific branch's affinities towards the shared ones and back, and CSA's J(z_sh, z_sp) terms
+    train both heads. A detach on either side would leave the forward values unchanged."""
+    pids, mods = official_layout([0, 1, 2, 3], 2)
+    views = canonical_views(pids, mods, 2)
+    f_sh = (torch.randn(len(pids), 6) * 3).requires_grad_()
+    f_sp = (torch.randn(len(pids), 6) * 3).requires_grad_()
+    t_dist, _ = tgsa_terms(f_sh, f_sp, views, (0.0, 0.0, 0.0))
+    g_sh, g_sp = torch.autograd.grad(t_dist, (f_sh, f_sp))
+    for mod in (VIS, IR):  # each modality's rows, through its own J term
+        assert g_sh[mods == mod].abs().sum() > 0 and g_sp[mods == mod].abs().sum() > 0, mod
+    z_sh = (torch.randn(len(pids), 5) * 2).requires_grad_()
+    z_sp = (torch.randn(len(pids), 5) * 2).requires_grad_()
+    for set_level in (False, True):
+        l_bg, l_sm = csa_terms(z_sh, z_sp, views, csa_weight=0.8, mdr_weight=0.0,
+                               set_level=set_level)
+        term = l_sm if set_level else l_bg
+        g_sh, g_sp = torch.autograd.grad(term, (z_sh, z_sp))
+        for mod in (VIS, IR):
+            assert (g_sh[mods == mod].abs().sum() > 0
+                    and g_sp[mods == mod].abs().sum() > 0), (set_level, mod)
+
+
 # --------------------------------------------------------------------- total loss
 
 def test_total_loss_is_the_weighted_sum_and_terms_are_nonnegative():

@@ -239,7 +239,8 @@ def load_training_curves(save_dir: str) -> Tuple[Curves, str]:
 
 
 def parse_train_logs(paths: Sequence[str]) -> Curves:
-    """Per-step values of the terms and ``lr`` from torchreid console lines (later files win)."""
+    """Per-step values of the terms and ``lr`` read off the console lines torchreid prints (later
+    files win)."""
     table: Dict[str, Dict[int, float]] = {}
     for path in paths:
         with open(path, errors='replace') as f:
