@@ -109,6 +109,8 @@ class ReferenceTimeline:
             for line in proc.stdout:
                 log.write(line)
                 now = time.time() - t0
+                if line.startswith('=> Final test'):  # all epochs done: the last evaluation
+                    self.epoch_start.setdefault(MAX_EPOCH, now)
                 step = re.match(r'epoch: \[(\d+)/', line)
                 if step:
                     self.epoch_start.setdefault(int(step[1]) - 1, now)
