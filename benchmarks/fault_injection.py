@@ -214,6 +214,7 @@ def main(argv=None) -> int:
         expected = list(range(EVAL_FREQ, MAX_EPOCH + 1, EVAL_FREQ))
         reference_weights = final_weights(reference)
         injected, launches, lost, corrupt, unequal, episodes = 0, 0, [], [], 0, 0
+        phases = {}  # what the runs were doing when hit -> how many faults
         # an episode is one run in its own save_dir, faulted and resumed until it finishes; a
         # new one starts while faults remain (a fault drawn after the run's end hits nothing)
         while injected < args.faults:
@@ -234,6 +235,8 @@ def main(argv=None) -> int:
                         rc = proc.wait(timeout=delay)
                     except subprocess.TimeoutExpired:
                         fault = (signal.Signals(signum).name, delay, last_activity(log_path))
+                        phase = fault[2].split(':')[0]
+                        phases[phase] = phases.get(phase, 0) + 1
                         proc.send_signal(signum)
                         injected += 1
                 if rc is None:
@@ -270,6 +273,8 @@ def main(argv=None) -> int:
             print(f'  problem: {line}')
         print(f'{episodes} episodes, {launches} launches; {time.time() - start:.0f} s in all, '
               f'load average {os.getloadavg()[0]:.1f}')
+        print('faults by what the run was doing: '
+              + ', '.join(f'{k} {v}' for k, v in sorted(phases.items(), key=lambda kv: -kv[1])))
         print(f'faults: {injected} injected, {len(lost)} lost checkpoints, {len(corrupt)} corrupt '
               f'files, resumed weights equal: {"yes" if not unequal else "no"}')
         return 0 if not unequal and not lost and not corrupt else 1
