@@ -48,7 +48,7 @@ sys.path.insert(0, ROOT)
 
 MAX_EPOCH = 6
 EVAL_FREQ = 2
-# XIV on a small synthetic SYSU-MM01: ~8 steps an epoch, an evaluation every other epoch
+# XIV on a small synthetic SYSU-MM01: ~14 steps an epoch, an evaluation every other epoch
 RUN_OPTIONS = [
     '--config-file', 'xiv/sysu_mm01',
     'model.name', 'xiv_resnet18', 'model.pretrained', 'False',
@@ -197,8 +197,10 @@ def main(argv=None) -> int:
     try:
         data_root = osp.join(workdir, 'data')
         if not osp.isdir(osp.join(data_root, 'SYSU-MM01')):
-            synthesize('sysu_mm01', osp.join(data_root, 'SYSU-MM01'), seed=0, num_ids=40,
-                       size=(64, 32))
+            # many training ids and a small test split, so that most of a launch is training
+            # (where a preempted multi-day run spends its time), not evaluation
+            synthesize('sysu_mm01', osp.join(data_root, 'SYSU-MM01'), seed=0, num_ids=80,
+                       num_test_ids=8, size=(64, 32))
         start = time.time()
         reference = osp.join(workdir, 'uninterrupted')
         shutil.rmtree(reference, ignore_errors=True)
