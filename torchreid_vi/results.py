@@ -155,11 +155,7 @@ class ResultsFile:
         if not os.path.exists(self.path):
             return {'format_version': FORMAT_VERSION, 'runs': [], 'evaluations': []}
         try:
-            with open(self.path, encoding='utf-8') as f:
-                data = json.load(f)
-            if not isinstance(data, dict):
-                raise ValueError(f'top level is a {type(data).__name__}')
-            return _upgrade(data)
+            return read_results(self.path)
         except (OSError, ValueError) as exc:
             aside = f'{self.path}.unreadable-{datetime.datetime.now():%Y%m%d-%H%M%S}'
             os.replace(self.path, aside)
