@@ -192,43 +192,44 @@ def _fmt(value, spec):
     return '-' if value is None else format(value, spec)
 
 
+def _rows(columns, rows, render, skipped_at: int, extra=None) -> None:
+    """One markdown table: a header of ``columns``, ``render(r)`` cells per row; a row that
+    holds ``'skipped'`` shows its method (and ``extra`` cells) and the reason at column
+    ``skipped_at``."""
+    print('| ' + ' | '.join(columns) + ' |\n' + '|---' * len(columns) + '|')
+    for r in rows:
+        if 'skipped' in r:
+            cells = [''] * len(columns)
+            cells[0], cells[skipped_at] = r.get('method', r.get('device', '')), r['skipped']
+            for at, key in (extra or {}).items():
+                cells[at] = r[key]
+        else:
+            cells = render(r)
+        print('|' + '|'.join(f' {c} ' if c else ' ' for c in cells) + '|')
+
+
 def print_table(rows: dict, device_name: str) -> None:
     print(f'\n## gpu_check on {device_name}\n')
-    print('| method | model | input | batch (net) | amp | step ms | img/s | peak GiB | '
-          'first loss | rel diff vs fp32 |')
-    print('|---|---|---|---|---|---|---|---|---|---|')
-    for r in rows['steps']:
-        if 'skipped' in r:
-            print(f"| {r['method']} | | | | {r['amp']} | {r['skipped']} | | | | |")
-            continue
-        print(f"| {r['method']} | {r['model']} | {r['input']} | {r['batch']} "
-              f"({r['network_images']}) | {r['amp']} | {r['step_ms']:.1f} | "
-              f"{r['images_per_s']:.0f} | {_fmt(r['peak_gib'], '.2f')} | {r['first_loss']:.5f} | "
-              f"{_fmt(r.get('rel_diff'), '.1e')} |")
-    print('\n| train loader | input | workers | img/s | transforms |\n|---|---|---|---|---|')
-    for r in rows['loader']:
-        if 'skipped' in r:
-            print(f"| {r['method']} | | | {r['skipped']} | |")
-            continue
-        print(f"| {r['method']} | {r['input']} | {r['workers']} | {r['images_per_s']:.0f} | "
-              f"{', '.join(r['transforms'])} |")
-    print('\n| DDP | processes | backend | step ms | 1-process step ms | scaling | '
-          'first-loss rel diff |\n|---|---|---|---|---|---|---|')
-    for r in rows['ddp']:
-        if 'skipped' in r:
-            print(f"| {r['method']} | | | {r['skipped']} | | | |")
-            continue
-        print(f"| {r['method']} | {r['processes']} | {r['backend']} | {r['step_ms']:.1f} | "
-              f"{r['single_step_ms']:.1f} | {r['scaling']:.2f} (ideal {r['processes']}) | "
-              f"{r['loss_rel_diff']:.1e} |")
-    r = rows['sysu_report']
-    print('\n| SYSU report | matrix | evaluations | distance s | evaluate s | total s |\n'
-          '|---|---|---|---|---|---|')
-    if 'skipped' in r:
-        print(f"| {r.get('device', '')} | | | | | {r['skipped']} |")
-    else:
-        print(f"| {r['device']} | {r['shape']} | {r['evaluations']} | {r['distance_s']:.3f} | "
-              f"{r['evaluate_s']:.3f} | {r['report_s']:.3f} |")
+    _rows(['method', 'model', 'input', 'batch (net)', 'amp', 'step ms', 'img/s', 'peak GiB',
+           'first loss', 'rel diff vs fp32'], rows['steps'], lambda r: [
+        r['method'], r['model'], r['input'], f"{r['batch']} ({r['network_images']})", r['amp'],
+        f"{r['step_ms']:.1f}", f"{r['images_per_s']:.0f}", _fmt(r['peak_gib'], '.2f'),
+        f"{r['first_loss']:.5f}", _fmt(r.get('rel_diff'), '.1e')], 5, extra={4: 'amp'})
+    print()
+    _rows(['train loader', 'input', 'workers', 'img/s', 'transforms'], rows['loader'], lambda r: [
+        r['method'], r['input'], str(r['workers']), f"{r['images_per_s']:.0f}",
+        ', '.join(r['transforms'])], 3)
+    print()
+    _rows(['DDP', 'processes', 'backend', 'step ms', '1-process step ms', 'scaling',
+           'first-loss rel diff'], rows['ddp'], lambda r: [
+        r['method'], str(r['processes']), r['backend'], f"{r['step_ms']:.1f}",
+        f"{r['single_step_ms']:.1f}", f"{r['scaling']:.2f} (ideal {r['processes']})",
+        f"{r['loss_rel_diff']:.1e}"], 3)
+    print()
+    _rows(['SYSU report', 'matrix', 'evaluations', 'distance s', 'evaluate s', 'total s'],
+          [rows['sysu_report']], lambda r: [
+        r['device'], r['shape'], str(r['evaluations']), f"{r['distance_s']:.3f}",
+        f"{r['evaluate_s']:.3f}", f"{r['report_s']:.3f}"], 5)
 
 
 def _attempt(fn, *args, **kwargs) -> dict:
