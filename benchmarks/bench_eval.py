@@ -16,6 +16,11 @@ What it measures, in one run:
 (d) torchreid's Cython evaluator on the same matrices as (b), when it is importable (PyPI
     torchreid ships none; a line says so).
 
+The evaluations run on the compiled kernel (``torchreid_vi.evaluation.compiled``) when numba is
+installed, and the numpy engines' time for the same evaluations (the path without numba) is
+printed beside it, with a check that both give identical numbers. The kernel's machine code is
+loaded (or compiled, after an install) before any timing; that first call is printed too.
+
 Timings are wall-clock, best of ``--repeat`` runs of each step (the machine is shared; the
 ratios compare steps of the same run). ``evals_over_matmul`` = the evaluations' time / the
 distance matrix's time, for SYSU (40 evaluations) and LLCM (20).
@@ -48,8 +53,10 @@ import numpy as np
 import scipy.io
 import torch
 
+import torchreid_vi.evaluation.metrics as metrics
 from torchreid_vi._torchreid import tr
 from torchreid_vi.evaluation import (
+    compiled,
     evaluate_cross_modal,
     evaluate_settings,
     format_table,
@@ -167,6 +174,32 @@ def cpu(label):
     return f' (process CPU {CPU_SECONDS[label]:.3f} s)'
 
 
+def warm_up() -> str:
+    """Load (or, after an install, compile) the evaluator's machine code for both distance
+    dtypes, outside every timing: a process pays this once, on its first evaluation."""
+    rng = np.random.default_rng(0)
+    t0 = time.perf_counter()
+    for dtype in (np.float32, np.float64):
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            evaluate_cross_modal(rng.random((8, 16)).astype(dtype), np.arange(8) % 4,
+                                 np.arange(16) % 4, np.full(8, 3), np.full(16, 1), 'sysu')
+    kernel = metrics._compiled()
+    engine = (f'the compiled kernel (numba {kernel.numba.__version__})' if kernel is not None
+              else f'the numpy engines ({compiled.unavailable_reason()})')
+    return (f'evaluation engine: {engine}; first call (machine code loaded or compiled, not in '
+            f'any timing below): {time.perf_counter() - t0:.2f} s')
+
+
+def numpy_engines(fn):
+    """fn() evaluated by the numpy engines (the path without numba)."""
+    saved, metrics._STRATEGY = metrics._STRATEGY, 'numpy'
+    try:
+        return fn()
+    finally:
+        metrics._STRATEGY = saved
+
+
 def calibration() -> str:
     """A fixed single-threaded workload, to read the timings against how busy the machine is.
 
@@ -219,6 +252,8 @@ def main(argv=None):
     n_eval = sum(s.num_trials for s in settings)
 
     dist, t_dist = timed(lambda: as_input(distance(q_feat, g_feat)), 'sysu_dist', rep, device)
+    if not on_device:
+        print(warm_up())
     results, t_eval = timed(lambda: evaluate_settings(dist, query_records, gallery_records,
                                                       settings), 'sysu_eval', rep, device)
     print(format_table(results, title='SYSU-sized report (synthetic features)'))
@@ -226,6 +261,16 @@ def main(argv=None):
     print(f'sysu_distance_once ({dist.shape[0]}x{dist.shape[1]} float32, 2048-d, {device}): '
           f'{t_dist:.3f} s' + cpu('sysu_dist'))
     print(f'sysu_evaluate_settings ({n_eval} evaluations): {t_eval:.3f} s' + cpu('sysu_eval'))
+    if not on_device and metrics._compiled() is not None:
+        numpy_results, t_numpy = timed(lambda: numpy_engines(lambda: evaluate_settings(
+            dist, query_records, gallery_records, settings)), 'sysu_numpy', rep)
+        same = all(a.mAP == b.mAP and a.mINP == b.mINP and np.array_equal(a.cmc, b.cmc)
+                   for k in results for a, b in zip(results[k].per_trial,
+                                                    numpy_results[k].per_trial))
+        print(f'sysu_evaluate_settings_numpy_engines (the same {n_eval} evaluations without the '
+              f'compiled kernel): {t_numpy:.3f} s' + cpu('sysu_numpy') +
+              f'; {t_numpy / t_eval:.1f}x the kernel; results identical to the bit: {same}')
+        assert same, 'the compiled kernel and the numpy engines disagree'
     print(f'sysu_full_report_from_features: {t_dist + t_eval:.3f} s (target < 5 s)')
     print(f'evals_over_matmul={t_eval / t_dist:.3f}  (SYSU: {n_eval} evaluations / one distance '
           f'matrix, same run, best of {rep}; target <= 0.3)')
@@ -289,12 +334,20 @@ def main(argv=None):
         ldist, t_ldist = timed(lambda: as_input(distance(f_nir, f_vis)), 'llcm_dist', rep, device)
         lres, t_leval = timed(lambda: evaluate_settings(ldist, nir, vis, lsettings), 'llcm_eval',
                               rep, device)
+        t_lnumpy = None
+        if not on_device and metrics._compiled() is not None:
+            _, t_lnumpy = timed(lambda: numpy_engines(lambda: evaluate_settings(
+                ldist, nir, vis, lsettings)), 'llcm_numpy', rep)
         print(format_table(lres, title='LLCM-sized report (synthetic features)'))
         print(f'llcm_settings: {t_lset:.3f} s')
         print(f'llcm_distance_once ({ldist.shape[0]}x{ldist.shape[1]} float32): {t_ldist:.3f} s'
               + cpu('llcm_dist'))
         print(f'llcm_evaluate_settings (2 directions x 10 trials): {t_leval:.3f} s'
               + cpu('llcm_eval'))
+        if t_lnumpy is not None:
+            print(f'llcm_evaluate_settings_numpy_engines (the same, without the compiled kernel):'
+                  f' {t_lnumpy:.3f} s' + cpu('llcm_numpy') + f'; {t_lnumpy / t_leval:.1f}x the '
+                  f'kernel')
         print(f'llcm_full_report_from_features: {t_ldist + t_leval:.3f} s')
         n_leval = sum(x.num_trials for x in lsettings)
         print(f'llcm_evals_over_matmul={t_leval / t_ldist:.3f}  (LLCM: {n_leval} evaluations / '

@@ -344,7 +344,10 @@ def test_memory_layout_does_not_matter():
     readonly = np.asfortranarray(dist)
     readonly.setflags(write=False)
     strided = np.repeat(dist, 2, axis=1)[:, ::2]                      # rows not contiguous
-    for layout in (fortran, readonly, strided, torch.from_numpy(dist.T.copy()).t()):
+    readonly_rows = dist.copy()                                     # rows read in place
+    readonly_rows.setflags(write=False)
+    for layout in (fortran, readonly, strided, readonly_rows,
+                   torch.from_numpy(dist.T.copy()).t()):
         res = evaluate_cross_modal(layout, qp, gp, qc, gc, 'llcm')
         assert np.array_equal(res.cmc, ref.cmc) and res.mAP == ref.mAP
     assert np.array_equal(fortran, dist)

@@ -50,6 +50,30 @@ def assert_identical(a, b):
     assert (a.num_valid, a.num_query, a.num_gallery) == (b.num_valid, b.num_query, b.num_gallery)
 
 
+def rule_settings(galleries, n_query):
+    """One setting per rule (RULES), each with the same trial galleries: one evaluation group."""
+    trials = tuple((np.arange(n_query), g) for g in galleries)
+    return [EvalSetting(f'{r}/{m}', 'ir2vis', trials, r, m, 'x') for r, m in RULES]
+
+
+def check_engine(monkeypatch, strategy, dist, ir_p, ir_c, vis_p, vis_c, galleries, max_rank):
+    """Every rule x gallery on ``strategy``'s engine: = the batch engine to the bit, and = the
+    §3.4 oracle per trial."""
+    ir, vis = records(ir_p, ir_c, 'ir'), records(vis_p, vis_c, 'vis')
+    settings = rule_settings(galleries, len(ir))
+    got = run_strategy(monkeypatch, strategy, dist, ir, vis, settings, max_rank=max_rank)
+    batch = run_strategy(monkeypatch, 'batch', dist, ir, vis, settings, max_rank=max_rank)
+    for s in settings:
+        for g, a, b in zip(galleries, got[s.key].per_trial, batch[s.key].per_trial):
+            assert_identical(a, b)
+            cmc, m_ap, m_inp, n_valid = reference_evaluate(
+                dist[:, g], ir_p, vis_p[g], ir_c, vis_c[g], s.removal, s.cmc_mode,
+                max_rank=max_rank)
+            np.testing.assert_allclose(a.cmc, cmc, atol=1e-12, rtol=0)
+            assert abs(a.mAP - m_ap) <= 1e-12 and abs(a.mINP - m_inp) <= 1e-12
+            assert a.num_valid == n_valid
+
+
 @pytest.mark.parametrize('signed', [False, True], ids=['distances', 'signed-zeros'])
 @pytest.mark.parametrize('max_rank,window', [(10, 128), (3, 1)], ids=['wide', 'tiny-window'])
 def test_pooled_engine_equals_reference_and_batches(monkeypatch, signed, max_rank, window):
@@ -60,35 +84,27 @@ def test_pooled_engine_equals_reference_and_batches(monkeypatch, signed, max_ran
     rng = np.random.default_rng(3 + signed)
     for _ in range(3):
         dist, ir_p, ir_c, vis_p, vis_c, galleries = pooled_case(rng, signed=signed)
-        ir, vis = records(ir_p, ir_c, 'ir'), records(vis_p, vis_c, 'vis')
-        trials = tuple((np.arange(len(ir)), g) for g in galleries)
-        settings = [EvalSetting(f'{r}/{m}', 'ir2vis', trials, r, m, 'x') for r, m in RULES]
-        pooled = run_strategy(monkeypatch, 'pool', dist, ir, vis, settings, max_rank=max_rank)
-        batch = run_strategy(monkeypatch, 'batch', dist, ir, vis, settings, max_rank=max_rank)
-        for s in settings:
-            for g, a, b in zip(galleries, pooled[s.key].per_trial, batch[s.key].per_trial):
-                assert_identical(a, b)
-                cmc, m_ap, m_inp, n_valid = reference_evaluate(
-                    dist[:, g], ir_p, vis_p[g], ir_c, vis_c[g], s.removal, s.cmc_mode,
-                    max_rank=max_rank)
-                np.testing.assert_allclose(a.cmc, cmc, atol=1e-12, rtol=0)
-                assert abs(a.mAP - m_ap) <= 1e-12 and abs(a.mINP - m_inp) <= 1e-12
-                assert a.num_valid == n_valid
+        check_engine(monkeypatch, 'pool', dist, ir_p, ir_c, vis_p, vis_c, galleries, max_rank)
 
 
-def test_pooled_rankings_per_query(monkeypatch):
-    """Query by query: the pooled engine's ranks equal the batch engine's (identity ranks past
-    max_rank are capped at max_rank + 1 by the pool) and AP/INP are bit-identical."""
+@pytest.mark.parametrize('engine', ['pool', 'compiled'])
+def test_pooled_rankings_per_query(engine):
+    """Query by query, every rule: a pooled engine's ranks equal the batch engine's and AP/INP
+    are bit-identical. The numpy pool caps identity ranks past max_rank at max_rank + 1; the
+    compiled kernel's are exact."""
+    if engine == 'compiled' and rank._compiled() is None:
+        pytest.skip('the compiled kernel needs numba')
     rng = np.random.default_rng(8)
     dist, ir_p, ir_c, vis_p, vis_c, galleries = pooled_case(rng)
     g = galleries[0]
+    max_rank, cap = (5, 6) if engine == 'pool' else (50, np.iinfo(np.int64).max)
     for removal, cmc_mode in RULES:
         args = (dist, ir_p, vis_p[g], ir_c, vis_c[g], removal, cmc_mode)
-        a = _per_query(*args, engine='pool', max_rank=5, gallery_index=g)
-        b = _per_query(*args, engine='batch', max_rank=5, gallery_index=g)
+        a = _per_query(*args, engine=engine, max_rank=max_rank, gallery_index=g)
+        b = _per_query(*args, engine='batch', max_rank=max_rank, gallery_index=g)
         assert np.array_equal(a[3], b[3])
         v = a[3]
-        assert np.array_equal(np.minimum(a[0][v], 6), np.minimum(b[0][v], 6))
+        assert np.array_equal(np.minimum(a[0][v], cap), np.minimum(b[0][v], cap))
         assert np.array_equal(a[1][v], b[1][v]) and np.array_equal(a[2][v], b[2][v])
 
 
