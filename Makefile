@@ -12,6 +12,7 @@ DEMO_DIR ?= demo
 $(STAMP): setup.cfg constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --disable-pip-version-check -c constraints.txt -e '.[test]'
+	$(PY) -m torchreid_vi.evaluation.compiled
 	touch $(STAMP)
 
 install: $(STAMP)

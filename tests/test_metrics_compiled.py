@@ -193,3 +193,15 @@ def test_pairwise_sum_is_numpys():
     for n in list(range(1, 300)) + [513, 1000, 1025, 4097]:
         a = rng.random(n) / rng.integers(1, 50, n)
         assert np.add.reduceat(a, [0])[0] == a[0] + compiled._pairwise_sum(a, 1, n - 1), n
+
+
+def test_warm_up_readies_both_dtypes_or_says_why_not(monkeypatch):
+    """``make install`` runs warm_up: it leaves machine code for float32 and float64 (a second
+    call only loads it), and without numba it raises with the reason instead of pretending."""
+    assert compiled.warm_up() >= 0.0
+    assert {sig[0].dtype.name for sig in compiled._kernel.signatures} >= {'float32', 'float64'}
+    monkeypatch.setattr(compiled, 'numba', None)
+    monkeypatch.setattr(compiled, '_IMPORT_ERROR',
+                        ModuleNotFoundError("No module named 'numba'", name='numba'))
+    with pytest.raises(RuntimeError, match='unavailable: numba is not installed'):
+        compiled.warm_up()

@@ -26,8 +26,9 @@ releases the GIL: the evaluator's thread pool runs blocks of rows on it in paral
 
 It needs numba (``available()``); without it (not installed, Python < 3.10, or
 ``NUMBA_DISABLE_JIT=1``) the numpy engines compute the same numbers, ~6x slower on a SYSU
-report. The first call of a process loads the machine code from numba's cache (~0.3 s; after an
-install or upgrade it compiles once, ~3 s per distance dtype).
+report. The first call of a process loads the machine code from numba's cache (~0.3 s); after an
+install or upgrade it compiles once, ~5 s for both distance dtypes (``make install`` runs
+``python -m torchreid_vi.evaluation.compiled``, which does it then).
 
 Example:
     >>> import numpy as np
@@ -39,6 +40,7 @@ Example:
 """
 from __future__ import annotations
 
+import time
 from typing import Optional, Sequence
 
 import numpy as np
@@ -51,8 +53,8 @@ try:  # optional: the numpy engines are the fallback
 except ImportError as _exc:  # pragma: no cover - depends on the environment
     numba, _IMPORT_ERROR = None, _exc
 
-__all__ = ['available', 'unavailable_reason', 'NotCompilable', 'PoolTables', 'CompiledEngine',
-           'MAX_TRIALS', 'MAX_GALLERY']
+__all__ = ['available', 'unavailable_reason', 'warm_up', 'NotCompilable', 'PoolTables',
+           'CompiledEngine', 'MAX_TRIALS', 'MAX_GALLERY']
 
 MAX_TRIALS = 64          # trials per pool: one uint64 of trial bits
 MAX_GALLERY = 1 << 16    # running counts are 16-bit fields: trial galleries < 65,536 items
@@ -198,6 +200,21 @@ class CompiledEngine:
                        t['member'], t['own_ptr'], t['own'], t['act_ptr'], t['kcol'], t['kpv'],
                        t['kmem'], t['kwords'], t['spc_mask'], t['ident_mask'], self.tables.T,
                        self.first[a:b], self.ap[a:b], self.inp[a:b], self.valid[a:b])
+
+
+def warm_up() -> float:
+    """Load the kernel's machine code for float32 and float64 distances into this process, or
+    compile it into numba's cache when it is not there yet (once per install: ``make install``
+    does it, so that no evaluation waits for it). Returns the seconds it took."""
+    reason = unavailable_reason()
+    if reason is not None:
+        raise RuntimeError(f'the compiled evaluation kernel is unavailable: {reason}')
+    t0 = time.perf_counter()
+    tables = PoolTables([(np.arange(2), np.arange(2), np.ones(2, np.int64))], ['location'],
+                        ['identity'])
+    for dtype in (np.float32, np.float64):
+        CompiledEngine(tables, np.arange(2), np.full(2, LOCATION_QUERY_CAM), dtype)
+    return time.perf_counter() - t0
 
 
 if numba is not None:
@@ -499,3 +516,10 @@ if numba is not None:
         return -1
 
 
+if __name__ == '__main__':       # python -m torchreid_vi.evaluation.compiled (make install)
+    if available():
+        print(f'compiled evaluation kernel: ready (numba {numba.__version__}; machine code for '
+              f'float32 and float64 in {warm_up():.1f} s)')
+    else:
+        print(f'compiled evaluation kernel: unavailable ({unavailable_reason()}); the numpy '
+              f'engines evaluate instead (the same numbers)')
