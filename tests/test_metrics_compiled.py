@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from spec_oracle import evaluate as reference_evaluate
 from test_metrics_engines import (
+    RULES,
     assert_identical,
     check_engine,
     pooled_case,
@@ -53,6 +54,30 @@ def test_infinite_distances_rank_last_and_first(monkeypatch):
     dist[3] = np.inf                                        # a row of exact ties
     check_engine(monkeypatch, 'compiled', dist, ir_p, ir_c, vis_p, vis_c, galleries,
                  max_rank=10)
+
+
+def test_float_ids_and_cameras_keep_their_exact_values(monkeypatch):
+    """Float pids/cameras are accepted: integral ones run on the kernel, and query cameras
+    3.5 and 1.5 are neither camera 3 (location rule) nor gallery camera 1 (same_pid_cam), as in
+    the numpy engines."""
+    rng = np.random.default_rng(6)
+    dist, ir_p, ir_c, vis_p, vis_c, galleries = pooled_case(rng)
+    ir_c = ir_c.astype(np.float64)
+    ir_c[::5], ir_c[1::5] = 3.5, 1.5
+    g = galleries[0]
+    args = (dist, ir_p.astype(np.float64), vis_p[g].astype(np.float64), ir_c,
+            vis_c[g].astype(np.float64))
+    for removal, cmc_mode in RULES:
+        got = {}
+        for strategy in ('compiled', 'batch'):
+            monkeypatch.setattr(rank, '_STRATEGY', strategy)
+            got[strategy] = evaluate_cross_modal(*args, removal=removal, cmc_mode=cmc_mode,
+                                                 max_rank=5, gallery_index=g)
+        assert_identical(got['compiled'], got['batch'])
+        cmc, m_ap, _, n_valid = reference_evaluate(dist[:, g], *args[1:], removal, cmc_mode,
+                                                   max_rank=5)
+        np.testing.assert_allclose(got['compiled'].cmc, cmc, atol=1e-12, rtol=0)
+        assert abs(got['compiled'].mAP - m_ap) <= 1e-12 and got['compiled'].num_valid == n_valid
 
 
 def test_byte_counters_widen_before_they_overflow(monkeypatch):

@@ -62,6 +62,7 @@ FIELD_BITS = 8           # one trial's counter in an item's packed word (8 trial
 _BYTES = np.uint64(0x00FF00FF00FF00FF)
 _BUCKETS = 32            # distance buckets per threshold (more: fewer exact comparisons)
 _NO_COLUMN = np.iinfo(np.int64).max
+_NO_CAMERA = np.iinfo(np.int64).min     # gallery cameras are checked to be exact int64
 _DEBRUIJN = 0x03F79D71B4CB0A89
 _CTZ = np.zeros(64, np.int64)   # trailing zeros of a power of two, by (x * _DEBRUIJN) >> 58
 for _i in range(64):
@@ -179,8 +180,10 @@ class CompiledEngine:
         nq, T = len(q_pids), tables.T
         self.tables = tables
         self.qv = tables.vocab_index(np.asarray(q_pids))
-        self.qc = np.ascontiguousarray(q_cams, np.int64)
-        self.kind = ((self.qc == LOCATION_QUERY_CAM) & tables.location).astype(np.int64)
+        cams = np.asarray(q_cams)
+        as_int = cams.astype(np.int64)           # a camera that is no integer matches none
+        self.qc = np.ascontiguousarray(np.where(as_int == cams, as_int, _NO_CAMERA))
+        self.kind = ((cams == LOCATION_QUERY_CAM) & tables.location).astype(np.int64)
         self.first, self.ap = np.zeros((nq, T), np.int64), np.zeros((nq, T))
         self.inp, self.valid = np.zeros((nq, T)), np.zeros((nq, T), bool)
         self._run(np.zeros((0, 1), dtype), 0)                     # load or compile now
