@@ -1317,18 +1317,20 @@ def evaluate_cross_modal(distmat, q_pids, g_pids, q_camids, g_camids,
         chunk_size: at most this many queries per block (default: sized to the caches).
             Memory: queries are processed in blocks, so the extra memory is bounded whatever
             the matrix size: per worker thread, one block of matrix rows (~4 MB, a view when
-            the rows are contiguous) plus scratch of ~10 bytes per gathered distance for
-            max(2**19, 8 x num_gallery) distances (~5 MB unless a gallery exceeds 65k items);
-            the pooled engine (evaluate_settings) ~16 MB per worker. The torch backend uses
+            the rows are contiguous) plus, on the compiled kernel, ~40 bytes per gallery item
+            (tables and scratch); on the numpy engines, scratch of ~10 bytes per gathered
+            distance for max(2**19, 8 x num_gallery) distances (~5 MB unless a gallery exceeds
+            65k items), the pooled one (evaluate_settings) ~16 MB. The torch backend uses
             ~48 bytes per distance of a chunk of rows, at most 256 MB of device memory per
             chunk (``chunk_size`` rows when given).
         query_index, gallery_index: optional 1-D index arrays: evaluate
             ``distmat[np.ix_(query_index, gallery_index)]`` without materialising it (a trial of
             a pooled distance matrix); the pids/cams then describe the selected rows/columns.
             Exact ties rank by position in ``gallery_index``.
-        num_threads: worker threads over query chunks (numpy releases the GIL); default
-            ``torch.get_num_threads()``. Results do not depend on it.
-        backend: 'numpy' (the host engines), 'torch' (every step in torch on the matrix's
+        num_threads: worker threads over query chunks (the compiled kernel and numpy release
+            the GIL); default ``torch.get_num_threads()``. Results do not depend on it.
+        backend: 'numpy' (the host engines: the compiled kernel where numba is installed, the
+            numpy engines otherwise; the same numbers), 'torch' (every step in torch on the matrix's
             device: stable sort, cumulative sums, scatter_reduce; same definitions and tie
             rule) or None: torch for a tensor on a GPU (it stays there), numpy otherwise.
 

@@ -132,8 +132,9 @@ def evaluate_settings(dist_ir_vis: Union[np.ndarray, torch.Tensor, DistFn],
         max_rank: CMC length.
         chunk_size: at most this many queries per block (default: sized to the caches; the
             extra memory is bounded by the block sizes, see :func:`evaluate_cross_modal`:
-            ~4 MB of matrix rows plus ~5-16 MB of scratch per worker thread, and per-query
-            results of ~25 bytes per query and trial).
+            ~4 MB of matrix rows per worker thread plus ~40 bytes per pool item on the compiled
+            kernel (~5-16 MB of scratch on the numpy engines), and per-query results of ~25
+            bytes per query and trial).
         backend: 'numpy', 'torch' or None (default: torch when ``dist_ir_vis`` is a tensor on a
             GPU: the matrix stays on its device and every metric is computed there; numpy
             otherwise). Both give the same results (the torch path to ~1e-16 in mAP/mINP).
