@@ -188,7 +188,7 @@ def test_nan_is_rejected_where_any_engine_would_see_it(monkeypatch, row_has_matc
 
 def test_without_numba_the_numpy_engines_give_the_same_numbers(monkeypatch):
     """No numba (or NUMBA_DISABLE_JIT): the same numbers from the numpy engines; a numba that
-    is installed but fails to import says so once, in a warning."""
+    is installed but fails to import, or to compile the kernel, says so once, in a warning."""
     rng = np.random.default_rng(9)
     dist, ir_p, ir_c, vis_p, vis_c, galleries = pooled_case(rng)
     ir, vis = records(ir_p, ir_c, 'ir'), records(vis_p, vis_c, 'vis')
@@ -196,6 +196,7 @@ def test_without_numba_the_numpy_engines_give_the_same_numbers(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')
         fast = evaluate_settings(dist, ir, vis, settings, max_rank=5)
+    numba_module = compiled.numba
     monkeypatch.setattr(compiled, 'numba', None)
     monkeypatch.setattr(compiled, '_IMPORT_ERROR', ImportError('Numba needs NumPy 2.3 or less'))
     monkeypatch.setattr(rank, '_COMPILED', [])
@@ -206,7 +207,20 @@ def test_without_numba_the_numpy_engines_give_the_same_numbers(monkeypatch):
     for key in fast:
         for a, b in zip(fast[key].per_trial, slow[key].per_trial):
             assert_identical(a, b)
+    monkeypatch.setattr(compiled, 'numba', numba_module)               # imports, cannot compile
+
+    def broken():
+        raise OSError('LLVM ERROR: cannot select')
+
+    monkeypatch.setattr(compiled, 'warm_up', broken)
+    monkeypatch.setattr(rank, '_COMPILED', [])
+    with pytest.warns(UserWarning, match='numba failed to compile it .OSError: LLVM ERROR'):
+        slow = evaluate_settings(dist, ir, vis, settings, max_rank=5)
+    for key in fast:
+        for a, b in zip(fast[key].per_trial, slow[key].per_trial):
+            assert_identical(a, b)
     missing = ModuleNotFoundError("No module named 'numba'", name='numba')
+    monkeypatch.setattr(compiled, 'numba', None)
     monkeypatch.setattr(compiled, '_IMPORT_ERROR', missing)
     assert compiled.unavailable_reason() == 'numba is not installed'
 

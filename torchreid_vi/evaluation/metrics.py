@@ -960,12 +960,18 @@ _COMPILED: list = []           # [the compiled kernel module, or None], once res
 
 
 def _compiled():
-    """The compiled kernel (:mod:`.compiled`), or None without numba (or with
-    ``NUMBA_DISABLE_JIT=1``). Imported on first use (numba takes ~0.2 s to import); a numba that
-    is installed but fails to import warns once, and the numpy engines give the same numbers."""
+    """The compiled kernel (:mod:`.compiled`), ready to run, or None: without numba (or with
+    ``NUMBA_DISABLE_JIT=1``), or where its machine code cannot be built. Resolved once per
+    process, on first use (importing numba takes ~0.2 s, loading the code ~0.3 s). A numba that
+    is installed but fails warns once; the numpy engines then give the same numbers."""
     if not _COMPILED:
         from . import compiled
         reason = compiled.unavailable_reason()
+        if reason is None:
+            try:
+                compiled.warm_up()
+            except Exception as exc:      # numba imports but cannot compile on this machine
+                reason = f'numba failed to compile it ({type(exc).__name__}: {exc})'
         if reason is not None and reason.startswith('numba failed'):
             warnings.warn(f'the compiled evaluator is unavailable: {reason}; using the numpy '
                           f'engines (the same numbers, 4-6x slower)', stacklevel=4)
