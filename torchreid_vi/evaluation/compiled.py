@@ -61,7 +61,6 @@ MAX_GALLERY = 1 << 16    # running counts are 16-bit fields: trial galleries < 6
 FIELD_BITS = 8           # one trial's counter in an item's packed word (8 trials per uint64)
 _BYTES = np.uint64(0x00FF00FF00FF00FF)
 _BUCKETS = 32            # distance buckets per threshold (more: fewer exact comparisons)
-_NO_COLUMN = np.iinfo(np.int64).max
 _NO_CAMERA = np.iinfo(np.int64).min     # gallery cameras are checked to be exact int64
 _DEBRUIJN = 0x03F79D71B4CB0A89
 _CTZ = np.zeros(64, np.int64)   # trailing zeros of a power of two, by (x * _DEBRUIJN) >> 58
@@ -328,8 +327,8 @@ if numba is not None:
         filled = np.zeros(max_own + 1, np.int64)
         flushed = np.zeros((max_own + 1, 2 * W), np.uint64)
         running = np.zeros(2 * W, np.uint64)
-        pd = np.empty(max_own + 1, np.float64)       # thresholds: distance, column, trials
-        pc = np.empty(max_own + 1, np.int64)
+        pd = np.empty(max_own, np.float64)           # thresholds: distance, column, trials
+        pc = np.empty(max_own, np.int64)
         pe = np.empty(max_own, np.uint64)
         pend = np.zeros(max_own + 1, np.uint64)
         below = np.zeros(_BUCKETS * max_own + 3, np.int32)
@@ -386,16 +385,10 @@ if numba is not None:
             # the first threshold of each trial; pend[s]: identity trials whose first true
             # match is threshold s or later (an item of bin s precedes it)
             got = np.uint64(0)
-            for i in range(npos + 1):
-                pend[i] = 0
             for i in range(npos):
-                e = pe[i] & ~got
+                pend[i] = pe[i] & ~got & ident_mask
                 got |= pe[i]
-                while e != 0:
-                    low = e & (~e + one)
-                    if ident_mask & low:
-                        pend[i] |= low
-                    e ^= low
+            pend[npos] = 0
             for i in range(npos - 2, -1, -1):
                 pend[i] |= pend[i + 1]
             # 2. buckets: x = (d - lo) * scale + 1 is monotone in d (IEEE rounding is), so an
@@ -417,7 +410,6 @@ if numba is not None:
                 below[np.int64(x) + 1] += 1
             for b in range(1, Q + 3):          # below[b]: thresholds of buckets < b
                 below[b] += below[b - 1]
-            pd[npos], pc[npos] = np.inf, _NO_COLUMN      # sentinel: after every item
             # 3. the other persons' items up to the last threshold (one branch-free pass);
             # NaN flagged
             bad = False
