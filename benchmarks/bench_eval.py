@@ -175,15 +175,9 @@ def cpu(label):
 
 
 def warm_up() -> str:
-    """Load (or, after an install, compile) the evaluator's machine code for both distance
-    dtypes, outside every timing: a process pays this once, on its first evaluation."""
-    rng = np.random.default_rng(0)
+    """Resolve the evaluation engine, loading (or, after an install, compiling) the kernel's
+    machine code outside every timing: a process pays this once, on its first evaluation."""
     t0 = time.perf_counter()
-    for dtype in (np.float32, np.float64):
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            evaluate_cross_modal(rng.random((8, 16)).astype(dtype), np.arange(8) % 4,
-                                 np.arange(16) % 4, np.full(8, 3), np.full(16, 1), 'sysu')
     kernel = metrics._compiled()
     engine = (f'the compiled kernel (numba {kernel.numba.__version__})' if kernel is not None
               else f'the numpy engines ({compiled.unavailable_reason()})')

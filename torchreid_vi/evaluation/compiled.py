@@ -171,11 +171,13 @@ class CompiledEngine:
 
     Args:
         tables: the pool's :class:`PoolTables`. q_pids, q_cams: (nq,) of the queries.
-        dtype: the distance rows' dtype (float32 or float64); its machine code is loaded (or
-            compiled) here, in the calling thread, before any worker thread runs it.
+
+    Blocks reach the kernel C-contiguous and writable (others are copied), so float32 and
+    float64 are its only two machine codes, both built by :func:`warm_up` before any worker
+    thread runs them.
     """
 
-    def __init__(self, tables: PoolTables, q_pids, q_cams, dtype):
+    def __init__(self, tables: PoolTables, q_pids, q_cams):
         nq, T = len(q_pids), tables.T
         self.tables = tables
         self.qv = tables.vocab_index(np.asarray(q_pids))
@@ -185,12 +187,11 @@ class CompiledEngine:
         self.kind = ((cams == LOCATION_QUERY_CAM) & tables.location).astype(np.int64)
         self.first, self.ap = np.zeros((nq, T), np.int64), np.zeros((nq, T))
         self.inp, self.valid = np.zeros((nq, T)), np.zeros((nq, T), bool)
-        self._run(np.zeros((0, 1), dtype), 0)                     # load or compile now
 
     def process(self, block: np.ndarray, a: int) -> None:
         """Evaluate the queries a .. a + len(block) from their distance rows ``block``."""
         if not (block.flags.c_contiguous and block.flags.writeable):
-            block = np.array(block, order='C')   # one machine code per dtype (see __init__)
+            block = np.array(block, order='C')   # one machine code per dtype
         bad = self._run(block, a)
         if bad >= 0:
             raise ValueError(f'distmat contains NaN in the distances of query {a + bad}; '
@@ -214,8 +215,9 @@ def warm_up() -> float:
     t0 = time.perf_counter()
     tables = PoolTables([(np.arange(2), np.arange(2), np.ones(2, np.int64))], ['location'],
                         ['identity'])
+    engine = CompiledEngine(tables, np.arange(2), np.full(2, LOCATION_QUERY_CAM))
     for dtype in (np.float32, np.float64):
-        CompiledEngine(tables, np.arange(2), np.full(2, LOCATION_QUERY_CAM), dtype)
+        engine.process(np.zeros((0, 2), dtype), 0)
     return time.perf_counter() - t0
 
 

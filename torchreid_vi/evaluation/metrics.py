@@ -1010,7 +1010,7 @@ def _evaluate_group(reader: _RowReader, q_index, qp, qc, trials, max_rank: int, 
                                              [trials[t][3] for t in ts], [trials[t][4] for t in ts])
             except compiled.NotCompilable:
                 continue
-            engines.append(compiled.CompiledEngine(tables, qp, qc, reader.dtype))
+            engines.append(compiled.CompiledEngine(tables, qp, qc))
             members.append(ts)
     done = {t for ts in members for t in ts}
     pooled: List[int] = []
@@ -1126,7 +1126,7 @@ def _per_query(distmat, q_pids, g_pids, q_camids, g_camids, removal: str, cmc_mo
             raise RuntimeError('the compiled engine needs numba')
         g = np.arange(dist.shape[1]) if g_index is None else g_index
         tables = compiled.PoolTables([(g, gallery[1], gallery[2])], [removal], [cmc_mode])
-        eng = compiled.CompiledEngine(tables, qp, qc, dist.dtype)
+        eng = compiled.CompiledEngine(tables, qp, qc)
     else:
         eng = _BatchEngine(_Batch([gallery], removal), cmc_mode, qp, qc, chunk_size)
     _drive(_RowReader(dist), q_index, len(qp), [eng], 1, chunk_size)
