@@ -43,7 +43,9 @@ Usage: ``python benchmarks/bench_eval.py [--perm PATH] [--torchreid-trials N] [-
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -77,8 +79,9 @@ SYSU_CAM_TOTALS = {1: (1374, 56), 2: (1565, 56), 3: (1883, 93), 4: (1918, 94), 5
                    6: (1920, 96)}
 
 
-def sysu_cells(perm_path, test_ids_path, rng):
-    """{(cam, pid): n_images} of the test ids, and the perm file to use."""
+def sysu_cells(perm_path, test_ids_path, rng, scratch):
+    """{(cam, pid): n_images} of the test ids, and the perm file to use (a synthetic one is
+    written into the folder ``scratch``, which the caller removes)."""
     if perm_path and os.path.isfile(perm_path):
         perm = read_sysu_perm(perm_path)
         if os.path.isfile(test_ids_path):
@@ -102,7 +105,7 @@ def sysu_cells(perm_path, test_ids_path, rng):
             inner[p - 1, 0] = (np.stack([rng.permutation(n) + 1 for _ in range(10)]).astype(
                 np.uint8) if n else np.zeros((10, 0), np.uint8))
         outer[cam - 1, 0] = inner
-    path = os.path.join(tempfile.mkdtemp(prefix='bench_eval_'), 'rand_perm_cam.mat')
+    path = os.path.join(scratch, 'rand_perm_cam.mat')
     scipy.io.savemat(path, {'rand_perm_cam': outer})
     return cells, path, f'synthetic permutation (no {perm_path}) written to {path}'
 
@@ -228,7 +231,9 @@ def main(argv=None):
     print(calibration())
 
     # ---------------------------------------------------------------- SYSU-MM01-sized data
-    cells, perm_file, perm_note = sysu_cells(args.perm, args.test_ids, rng)
+    scratch = tempfile.mkdtemp(prefix='bench_eval_')
+    atexit.register(shutil.rmtree, scratch, True)
+    cells, perm_file, perm_note = sysu_cells(args.perm, args.test_ids, rng, scratch)
     query_records = records_from_cells(cells, (3, 6), 1)
     gallery_records = records_from_cells(cells, (1, 2, 4, 5), 0)
     print(f'SYSU-sized: {len(query_records)} IR queries, {len(gallery_records)}-image VIS pool, '

@@ -32,9 +32,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import os.path as osp
+import shutil
 import sys
 import tempfile
 import time
@@ -103,7 +105,8 @@ def step_row(method: str, amp: str, sizes: dict, device: torch.device, warmup: i
     return row
 
 
-def loader_row(method: str, sizes: dict, data_root: str, batches: int, workers: int) -> dict:
+def loader_row(method: str, sizes: dict, data_root: str, save_dir: str, batches: int,
+               workers: int) -> dict:
     """Images per second of the real train loader of ``method``'s config."""
     from torchreid_vi.data.datamanager import CrossModalImageDataManager
     from torchreid_vi.registration import register_all
@@ -113,7 +116,7 @@ def loader_row(method: str, sizes: dict, data_root: str, batches: int, workers: 
         'data.height', str(height), 'data.width', str(width), 'data.root', data_root,
         'data.workers', str(workers), 'train.batch_size', str(2 * ids * per_id),
         'sampler.num_instances', str(per_id),
-        'data.save_dir', tempfile.mkdtemp(prefix='gpu-check-')])
+        'data.save_dir', save_dir])
     cfg.use_gpu = torch.cuda.is_available()  # pinned memory as in a GPU run
     dm = CrossModalImageDataManager.from_config(cfg)
     loader = dm.train_loader
@@ -165,12 +168,12 @@ def ddp_row(method: str, sizes: dict, world: int, backend: str, warmup: int, ste
             / max(abs(single['first_loss']), 1e-12)}
 
 
-def sysu_report_row(device: torch.device) -> dict:
+def sysu_report_row(device: torch.device, scratch: str) -> dict:
     import bench_eval as be
 
     from torchreid_vi.evaluation import evaluate_settings, sysu_settings
     rng = np.random.default_rng(0)
-    cells, perm_file, _ = be.sysu_cells(be.DEFAULT_PERM, be.DEFAULT_TEST_IDS, rng)
+    cells, perm_file, _ = be.sysu_cells(be.DEFAULT_PERM, be.DEFAULT_TEST_IDS, rng, scratch)
     query = be.records_from_cells(cells, (3, 6), 1)
     gallery = be.records_from_cells(cells, (1, 2, 4, 5), 0)
     features = be.FeatureModel(rng)
@@ -267,6 +270,9 @@ def main(argv=None) -> int:
         torch.backends.cudnn.benchmark = True
     print(f'torch {torch.__version__}, {device_name}, {os.cpu_count()} CPU cores')
     budget = Budget(args.budget)
+    # everything the check writes (synthetic data, save dirs) lives here and goes at exit
+    scratch = tempfile.mkdtemp(prefix='gpu-check-')
+    atexit.register(shutil.rmtree, scratch, True)
     rows = {'device': device_name, 'dry': dry, 'torch': torch.__version__, 'steps': [],
             'loader': [], 'ddp': [], 'sysu_report': {}}
     fp32 = {}
@@ -292,14 +298,15 @@ def main(argv=None) -> int:
             print(f'{method} amp={amp}: {row}', flush=True)
     if budget.left():
         from torchreid_vi.tools.synthesize import synthesize
-        data_root = tempfile.mkdtemp(prefix='gpu-check-data-')
+        data_root = osp.join(scratch, 'data')
         t0 = time.time()
         synthesize('sysu_mm01', osp.join(data_root, 'SYSU-MM01'), seed=0,
                    num_ids=16 if dry else 80, size=(64, 32) if dry else (288, 144))
         print(f'synthetic SYSU-MM01 written in {time.time() - t0:.1f} s', flush=True)
         workers = 2 if dry else (os.cpu_count() or 1)
         for method in ('xiv', 'idkl'):
-            row = (_attempt(loader_row, method, sizes, data_root, 3 if dry else 30, workers)
+            row = (_attempt(loader_row, method, sizes, data_root,
+                             osp.join(scratch, f'loader-{method}'), 3 if dry else 30, workers)
                    if budget.left() else {'skipped': 'skipped (time budget)'})
             row.setdefault('method', method)
             rows['loader'].append(row)
@@ -323,7 +330,7 @@ def main(argv=None) -> int:
         row.setdefault('method', method)
         rows['ddp'].append(row)
         print(f'ddp {method}: {row}', flush=True)
-    rows['sysu_report'] = (_attempt(sysu_report_row, device) if budget.left()
+    rows['sysu_report'] = (_attempt(sysu_report_row, device, scratch) if budget.left()
                            else {'skipped': 'skipped (time budget)'})
     print_table(rows, device_name)
     print(f'\ngpu_check: {time.time() - budget.start:.0f} s; load average '

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 
 import pytest
 
@@ -27,6 +28,43 @@ os.environ.setdefault('ONEDNN_MAX_CPU_ISA', 'AVX512_CORE_BF16')
 FIXTURE_SEED = 0
 FIXTURE_SIZE = (32, 16)   # (H, W)
 DATASET_DIRS = {'sysu_mm01': 'SYSU-MM01', 'regdb': 'RegDB', 'llcm': 'LLCM'}
+# the default suite's peak disk use under pytest's basetemp: 0.88 GB measured (du every 2 s),
+# checkpoints of the training tests; passing tests' folders go at once (setup.cfg)
+SUITE_DISK_BYTES = 1 << 30
+
+
+def pytest_sessionstart(session):
+    """Stop at once, with the reason, when the temporary folder cannot hold the suite's files:
+    a full disk otherwise shows as dozens of unrelated-looking failures."""
+    base = session.config.option.basetemp or tempfile.gettempdir()
+    folder = os.path.abspath(base)
+    while not os.path.isdir(folder):  # --basetemp may not exist yet
+        folder = os.path.dirname(folder)
+    free = shutil.disk_usage(folder).free
+    if free < SUITE_DISK_BYTES:
+        pytest.exit(f'the tests need about {SUITE_DISK_BYTES / 2**30:.1f} GiB free for their '
+                    f'temporary files in {folder}, which has {free / 2**30:.2f} GiB free; free '
+                    f'space there, or point TMPDIR or --basetemp at a bigger disk', returncode=3)
+
+
+@pytest.fixture(scope='session', autouse=True)
+def session_tempdir(tmp_path_factory):
+    """tempfile's folder for the session, inside pytest's basetemp, removed at the end.
+
+    Docstring examples (``tempfile.mkdtemp()``), benchmarks run by tests and the subprocesses
+    tests start (the CLI, torchrun's ``torchelastic_*`` folders; they inherit ``TMPDIR``) would
+    otherwise leave their files in the system's temporary folder after every run.
+    """
+    folder = str(tmp_path_factory.mktemp('tempfile'))
+    before = os.environ.get('TMPDIR'), tempfile.tempdir
+    os.environ['TMPDIR'], tempfile.tempdir = folder, folder
+    yield folder
+    if before[0] is None:
+        os.environ.pop('TMPDIR', None)
+    else:
+        os.environ['TMPDIR'] = before[0]
+    tempfile.tempdir = before[1]
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope='session')

@@ -11,11 +11,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_gpu_check_dry_prints_every_row_of_its_table(tmp_path):
     out = tmp_path / 'rows.json'
+    scratch = tmp_path / 'tmpdir'  # the system temporary folder the check sees
+    scratch.mkdir()
     proc = subprocess.run(['bash', os.path.join(REPO, 'benchmarks', 'gpu_check.sh'), '--dry',
                            '--steps', '1', '--warmup', '1', '--json', str(out)],
                           capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, PYTHON=sys.executable))
+                          env=dict(os.environ, PYTHON=sys.executable, TMPDIR=str(scratch)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # its synthetic data, save dirs and perm file are gone: runs don't fill /tmp (torch's own
+    # compile cache folder, torchinductor_<user>, is torch's to keep)
+    assert [n for n in os.listdir(scratch) if not n.startswith('torchinductor_')] == []
     table = proc.stdout[proc.stdout.index('## gpu_check'):]
     for header in ('| method | model | input | batch (net) | amp | step ms |', '| train loader |',
                    '| DDP | processes |', '| SYSU report |'):
