@@ -98,6 +98,18 @@ def llcm_root(reid_data_root):
     return _synthesize(reid_data_root, 'llcm')
 
 
+@pytest.fixture(scope='module')
+def small_sysu(tmp_path_factory):
+    """``(root, manifest)`` of a SYSU-MM01 tree small enough to train on in seconds (16 pid
+    range, 32×16 images); one per test module, so a module may change it."""
+    from torchreid_vi.tools.synthesize import synthesize
+    root = tmp_path_factory.mktemp('small-reid-data')
+    manifest = synthesize('sysu_mm01', str(root / 'SYSU-MM01'), seed=0, num_ids=16,
+                          size=FIXTURE_SIZE)
+    assert len(manifest['splits']['train']['vis']['ids']) >= 3
+    return str(root), manifest
+
+
 @pytest.fixture
 def copy_dataset(tmp_path):
     """``copy_dataset(manifest, parent='data', edit=None) -> folder``: a private dataset copy.

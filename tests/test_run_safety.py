@@ -21,7 +21,7 @@ from torchreid_vi.checkpoint import load_checkpoint, save_checkpoint, training_s
 from torchreid_vi.engine.base import CrossModalEngine
 from torchreid_vi.evaluation.evaluator import CrossModalEvaluator
 
-# torchreid's resnet18 + softmax on a small synthetic SYSU tree (``small_sysu``: 6 train ids):
+# torchreid's resnet18 + softmax on a small synthetic SYSU tree (conftest's ``small_sysu``):
 # 'cover' epochs of 2 steps (P = 3, K = 2), one single-shot all-search trial.
 STOCK = ['model.name', 'resnet18', 'model.pretrained', 'False', 'loss.name', 'softmax',
          'data.sources', "['sysu_mm01']", 'data.targets', "['sysu_mm01']",
@@ -32,17 +32,6 @@ STOCK = ['model.name', 'resnet18', 'model.pretrained', 'False', 'loss.name', 'so
          'vi.sysu_mm01.num_trials', '1', 'vi.sysu_mm01.shots', '[1]',
          'vi.sysu_mm01.search_modes', "['all']", 'vi.eval.max_rank', '5']
 STEPS_PER_EPOCH = 2
-
-
-@pytest.fixture(scope='module')
-def small_sysu(tmp_path_factory):
-    """``(root, manifest)`` of a SYSU-MM01 tree small enough to train on in seconds."""
-    from torchreid_vi.tools.synthesize import synthesize
-    root = tmp_path_factory.mktemp('small-reid-data')
-    manifest = synthesize('sysu_mm01', str(root / 'SYSU-MM01'), seed=0, num_ids=16,
-                          size=(32, 16))
-    assert len(manifest['splits']['train']['vis']['ids']) >= 3
-    return str(root), manifest
 
 
 def _run(root, save_dir, *opts, prefix=()):

@@ -322,6 +322,11 @@ def run(cfg, command: Optional[List[str]] = None) -> object:
         print(f'Pre-flight: evaluation settings of {", ".join(targets)} built and checked')
     if cfg.vi.eval.check_images and dist_utils.is_main_process():
         _check_test_images(datamanager, cfg.data.workers)
+    if cfg.vi.train.check_disk_space and not cfg.test.evaluate \
+            and start_epoch < cfg.train.max_epoch:
+        plan = engine.check_disk_space(cfg.data.save_dir, start_epoch, cfg.train.max_epoch,
+                                       cfg.test.start_eval, cfg.test.eval_freq)
+        print(f'Pre-flight: {plan}')
     if dist_utils.is_main_process():
         engine.results = ResultsFile(osp.join(cfg.data.save_dir, 'results.json'), cfg, env,
                                      kind='evaluate' if cfg.test.evaluate else 'train',

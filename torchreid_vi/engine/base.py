@@ -41,6 +41,7 @@ import glob
 import math
 import os
 import os.path as osp
+import shutil
 import signal
 import time
 from typing import Dict, List, Optional, Union
@@ -49,6 +50,8 @@ import torch
 
 from .._torchreid import tr
 from ..checkpoint import (
+    NotEnoughDiskSpace,
+    checkpoint_bytes,
     load_checkpoint,
     resume_from_checkpoint,
     rng_state,
@@ -342,9 +345,7 @@ class CrossModalEngine(tr.engine.Engine):
                            open_layers=open_layers)
                 done = self.epoch + 1
                 final = done == max_epoch
-                evaluate = final or (eval_freq > 0 and done >= start_eval
-                                     and done % eval_freq == 0)
-                periodic = self.checkpoint_freq > 0 and done % self.checkpoint_freq == 0
+                evaluate, periodic = self._saves_after(done, max_epoch, start_eval, eval_freq)
                 if evaluate or periodic:
                     # weights first: the checkpoint is on disk before anything that can fail
                     path = self.save_model(self.epoch, None, self.save_dir, keep=final or evaluate)
@@ -525,6 +526,77 @@ class CrossModalEngine(tr.engine.Engine):
         if self.scaler is not None:
             state['scaler'] = self.scaler.state_dict()
         return state
+
+    def _saves_after(self, done: int, max_epoch: int, start_eval: int, eval_freq: int) -> tuple:
+        """``(evaluate, periodic)`` after ``done`` finished epochs: an evaluation is due (the
+        final one, or ``eval_freq``'s from ``start_eval`` on), a ``checkpoint_freq`` checkpoint
+        is due. Either writes a checkpoint; an evaluated one is never pruned."""
+        evaluate = done == max_epoch or (eval_freq > 0 and done >= start_eval
+                                         and done % eval_freq == 0)
+        periodic = self.checkpoint_freq > 0 and done % self.checkpoint_freq == 0
+        return evaluate, periodic
+
+    def checkpoint_schedule(self, start_epoch: int, max_epoch: int, start_eval: int = 0,
+                            eval_freq: int = -1) -> Dict[str, int]:
+        """The checkpoints that training epochs ``start_epoch + 1 .. max_epoch`` write.
+
+        Returns: ``evaluated`` (kept for good: the final one and those evaluations come from),
+        ``periodic`` (the other ``checkpoint_freq`` ones), ``retained`` (the periodic ones that
+        ``keep_last`` lets stay) and ``peak``, the most files the run adds to its save_dir at
+        one time: ``evaluated + retained + 1``, the one being the newest periodic checkpoint
+        before pruning or a mid-epoch (interrupted) one.
+
+        Example::
+
+            >>> from torchreid_vi.engine.base import CrossModalEngine
+            >>> e = CrossModalEngine.__new__(CrossModalEngine)
+            >>> e.checkpoint_freq, e.keep_last = 1, 2
+            >>> e.checkpoint_schedule(0, 120, start_eval=0, eval_freq=40)
+            {'evaluated': 3, 'periodic': 117, 'retained': 2, 'peak': 6}
+        """
+        evaluated = periodic = 0
+        for done in range(start_epoch + 1, max_epoch + 1):
+            evaluate, is_periodic = self._saves_after(done, max_epoch, start_eval, eval_freq)
+            evaluated += evaluate
+            periodic += is_periodic and not evaluate
+        retained = min(periodic, self.keep_last) if self.keep_last else periodic
+        return {'evaluated': evaluated, 'periodic': periodic, 'retained': retained,
+                'peak': evaluated + retained + 1}
+
+    def check_disk_space(self, save_dir: str, start_epoch: int, max_epoch: int,
+                         start_eval: int = 0, eval_freq: int = -1) -> str:
+        """Pre-flight: the disk of ``save_dir`` must hold the checkpoints this run keeps at its
+        peak (:meth:`checkpoint_schedule`, each :func:`~torchreid_vi.checkpoint.checkpoint_bytes`
+        large), or a long run fails at the first save it cannot make. Rank 0 measures, every
+        rank gets its verdict. Returns the plan as one line.
+
+        Raises:
+            NotEnoughDiskSpace: with the sizes, the free space and what to change.
+        """
+        verdict = None
+        if dist_utils.is_main_process():
+            plan = self.checkpoint_schedule(start_epoch, max_epoch, start_eval, eval_freq)
+            size = checkpoint_bytes(self.model, self.optimizer)
+            folder = osp.abspath(save_dir)
+            while not osp.isdir(folder):  # the save_dir is made when the first file is written
+                folder = osp.dirname(folder)
+            free = shutil.disk_usage(folder).free
+            need = size * plan['peak']
+            line = (f'data.save_dir {save_dir} keeps up to {plan["peak"]} checkpoints of about '
+                    f'{size / 2**20:,.0f} MiB, {need / 2**30:,.2f} GiB ({plan["evaluated"]} '
+                    f'evaluated, the final one included; {plan["retained"]} of '
+                    f'{plan["periodic"]} periodic; 1 written before pruning or at a '
+                    f'preemption); its disk has {free / 2**30:,.2f} GiB free')
+            verdict = (need <= free, line)
+        ok, line = dist_utils.broadcast_object(verdict)
+        if not ok:
+            raise NotEnoughDiskSpace(
+                f'not enough disk space for this run: {line}. Free space there, choose another '
+                f'data.save_dir, keep fewer periodic checkpoints (vi.train.keep_last, now '
+                f'{self.keep_last}: 0 keeps all), write fewer (vi.train.checkpoint_freq, now '
+                f'{self.checkpoint_freq}; test.eval_freq), or skip this check with '
+                f'vi.train.check_disk_space False')
+        return line
 
     def save_model(self, epoch, rank1, save_dir, is_best=False, keep: bool = False) -> str:
         """Atomic checkpoint ``<save_dir>/model/model.pth.tar-<epoch+1>`` (rank 0 writes it), then
