@@ -205,7 +205,10 @@ def test_torchrun_trains_evaluates_resumes_and_evaluates_like_one_process(tmp_pa
     data = json.load(open(run / 'results.json'))
     assert len(data['runs']) == 1 and data['runs'][0]['environment']['world_size'] == 2
     assert [e['epoch'] for e in data['evaluations']] == [2]
-    assert len([f for f in os.listdir(run) if f.startswith('train.log-')]) == 1
+    logs = [f for f in os.listdir(run) if f.startswith('train.log-')]
+    assert len(logs) == 1
+    # the disk pre-flight ran under torchrun: rank 0 measured, both ranks took its verdict
+    assert open(run / logs[0]).read().count('Pre-flight: data.save_dir') == 1
 
     out = _torchrun(common + ['train.max_epoch', '3', 'model.resume', 'auto'])
     assert out.returncode == 0, out.stderr[-3000:]
