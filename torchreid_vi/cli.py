@@ -57,11 +57,71 @@ EXIT_CODES = {'ok': EXIT_OK, 'internal_error': EXIT_ERROR, 'user_error': EXIT_US
 PROG = 'python -m torchreid_vi'
 
 
+class _LogFile:
+    """The run's log file. A write that fails (a full disk) never stops the run: the file
+    pauses with a warning on stderr (the console keeps the log), is reopened every
+    ``RETRY_SECONDS`` and, once it can be written again, says which time span it lacks."""
+
+    RETRY_SECONDS = 60.0
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = self._open(path)
+        self._lost_at: Optional[str] = None  # when the file stopped (local time)
+        self._retry_at = 0.0
+
+    def _do(self, action: str, *args) -> None:
+        if self._file is None and self._lost_at is not None and action != 'close' \
+                and time.monotonic() >= self._retry_at:
+            try:
+                self._file = self._open(self.path)
+                self._file.write(f'\n[log lines from {self._lost_at} to '
+                                 f'{time.strftime("%H:%M:%S")} are missing: the file could not '
+                                 f'be written]\n')
+                self._lost_at = None
+            except OSError:
+                self._pause(None)
+        if self._file is None:
+            return
+        try:
+            getattr(self._file, action)(*args)
+        except OSError as exc:
+            self._pause(exc)
+
+    @staticmethod
+    def _open(path: str):
+        return open(path, 'a')
+
+    def _pause(self, exc: Optional[OSError]) -> None:
+        broken, self._file = self._file, None
+        if broken is not None:
+            try:
+                broken.close()
+            except OSError:
+                pass
+        if self._lost_at is None:
+            self._lost_at = time.strftime('%H:%M:%S')
+            print(f'\nWarning: the log file {self.path} cannot be written ({exc}); the log goes '
+                  f'on on the console, and the file is tried again every '
+                  f'{self.RETRY_SECONDS:g} s', file=sys.stderr, flush=True)
+        self._retry_at = time.monotonic() + self.RETRY_SECONDS
+
+    def write(self, msg: str) -> None:
+        self._do('write', msg)
+
+    def flush(self) -> None:
+        self._do('flush')
+
+    def close(self) -> None:
+        self._do('close')
+        self._file = None
+
+
 class _Tee:
     """stdout that also writes to a log file (torchreid's Logger closes the real stdout)."""
 
     def __init__(self, path: str, stream):
-        self.file = open(path, 'a')
+        self.file = _LogFile(path)
         self.stream = stream
 
     def write(self, msg):

@@ -19,6 +19,9 @@ single-modality targets, the console and tensorboard log format) and replaces ``
   :class:`Preempted`; ``model.resume`` of it continues the same trajectory;
 * **divergence**: a non-finite loss term stops the run at that step (:class:`NonFiniteLoss`,
   naming the terms and the last good checkpoint);
+* **disk space**: :meth:`check_disk_space` (the pre-flight) refuses a save_dir whose disk cannot
+  hold the checkpoints the run keeps; if the disk fills anyway, tensorboard events stop with a
+  warning and a checkpoint write is retried for ``save_retry_minutes`` before the run stops;
 * **mixed precision** (``amp``: none / fp16 with a dynamic GradScaler / bf16) for every engine;
 * **distributed**: rank 0 alone writes checkpoints, tensorboard events and results, and
   evaluates (the other ranks wait); :meth:`gather` gives losses the global batch;
@@ -50,6 +53,7 @@ import torch
 
 from .._torchreid import tr
 from ..checkpoint import (
+    CheckpointError,
     NotEnoughDiskSpace,
     checkpoint_bytes,
     load_checkpoint,
@@ -66,7 +70,10 @@ from ..utils import distributed as dist_utils
 from ..utils.distributed import unwrap_model
 
 __all__ = ['CrossModalEngine', 'AMP_MODES', 'EvaluationFailed', 'Preempted', 'NonFiniteLoss',
-           'NothingToTrain', 'INTERRUPTED_SUFFIX', 'latest_checkpoint']
+           'NothingToTrain', 'INTERRUPTED_SUFFIX', 'latest_checkpoint', 'SAVE_RETRY_POLL_SECONDS']
+
+# how often a checkpoint that could not be written is tried again (vi.train.save_retry_minutes)
+SAVE_RETRY_POLL_SECONDS = 15.0
 
 AMP_MODES = ('none', 'fp16', 'bf16')
 _AMP_DTYPES = {'fp16': torch.float16, 'bf16': torch.bfloat16}
@@ -131,6 +138,9 @@ class CrossModalEngine(tr.engine.Engine):
             the final one and those before evaluations).
         keep_last: keep the newest N periodic checkpoints (``vi.train.keep_last``; 0: all); the
             final checkpoint and the ones evaluations came from are kept.
+        save_retry_minutes: how long a checkpoint that cannot be written (a full disk, a quota)
+            is retried, every ``SAVE_RETRY_POLL_SECONDS``, before the run stops
+            (``vi.train.save_retry_minutes``; 0: stop at once).
         results: where evaluations are recorded (a :class:`~torchreid_vi.results.ResultsFile`
             or anything with its ``add_evaluation``), or ``None``.
         amp: mixed precision of the forward passes (``train.amp``): ``'none'``, ``'fp16'``
@@ -159,7 +169,8 @@ class CrossModalEngine(tr.engine.Engine):
         """The constructor's keyword arguments that come from the config (subclasses add theirs)."""
         return {'evaluator': CrossModalEvaluator.from_config(cfg),
                 'checkpoint_freq': cfg.vi.train.checkpoint_freq,
-                'keep_last': cfg.vi.train.keep_last, 'amp': cfg.train.amp,
+                'keep_last': cfg.vi.train.keep_last,
+                'save_retry_minutes': cfg.vi.train.save_retry_minutes, 'amp': cfg.train.amp,
                 'global_loss': cfg.vi.dist.global_loss,
                 'channels_last': cfg.train.channels_last}
 
@@ -175,27 +186,32 @@ class CrossModalEngine(tr.engine.Engine):
 
     # ------------------------------------------------------------------ setup
     def setup_cross_modal(self, *, evaluator=None, checkpoint_freq=None, keep_last=None,
-                          results=None, amp=None, global_loss=None, channels_last=None) -> None:
+                          save_retry_minutes=None, results=None, amp=None, global_loss=None,
+                          channels_last=None) -> None:
         """Attach the evaluation, checkpoint, precision and distribution state (also used by the
         stock-engine mixins)."""
-        given = dict(checkpoint_freq=checkpoint_freq, keep_last=keep_last, amp=amp,
-                     global_loss=global_loss, channels_last=channels_last)
+        given = dict(checkpoint_freq=checkpoint_freq, keep_last=keep_last,
+                     save_retry_minutes=save_retry_minutes, amp=amp, global_loss=global_loss,
+                     channels_last=channels_last)
         if evaluator is None or any(v is None for v in given.values()):
             d = _default_config()
             defaults = dict(checkpoint_freq=d.vi.train.checkpoint_freq,
-                            keep_last=d.vi.train.keep_last, amp=d.train.amp,
+                            keep_last=d.vi.train.keep_last,
+                            save_retry_minutes=d.vi.train.save_retry_minutes, amp=d.train.amp,
                             global_loss=d.vi.dist.global_loss,
                             channels_last=d.train.channels_last)
             given = {k: defaults[k] if v is None else v for k, v in given.items()}
             evaluator = evaluator or CrossModalEvaluator.from_config(d)
         for key, cfg_key in (('checkpoint_freq', 'vi.train.checkpoint_freq'),
-                             ('keep_last', 'vi.train.keep_last')):
+                             ('keep_last', 'vi.train.keep_last'),
+                             ('save_retry_minutes', 'vi.train.save_retry_minutes')):
             value = given[key]
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f'{cfg_key}={value!r}; expected an int >= 0')
         self.evaluator = evaluator
         self.checkpoint_freq = given['checkpoint_freq']
         self.keep_last = given['keep_last']
+        self.save_retry_minutes = given['save_retry_minutes']
         self.global_loss = bool(given['global_loss'])
         self.channels_last = bool(given['channels_last'])
         self.results = results
@@ -211,6 +227,7 @@ class CrossModalEngine(tr.engine.Engine):
         self._resume_loader_state = None
         self._resumed_end_of_epoch = None  # set by resume(): its evaluation may be missing
         self._stop_signal: Optional[int] = None
+        self._events_stopped = False  # tensorboard events failed (a full disk): not reopened
         self._trainable = ({id(p): p.requires_grad for p in self.model.parameters()}
                            if self.model is not None else {})
         self._setup_amp(given['amp'])
@@ -297,15 +314,36 @@ class CrossModalEngine(tr.engine.Engine):
             self._run(max_epoch, start_epoch, print_freq, fixbase_epoch, open_layers, start_eval,
                       eval_freq, test_only)
         finally:
-            if self.writer is not None:
-                self.writer.close()
-                self.writer = None
+            self._close_writer()
 
     def _open_writer(self) -> None:
         """Tensorboard events of every run, evaluation-only ones too (rank 0 writes them)."""
-        if self.writer is None and dist_utils.is_main_process():
+        if self.writer is None and not self._events_stopped and dist_utils.is_main_process():
             from torch.utils.tensorboard import SummaryWriter
             self.writer = SummaryWriter(log_dir=self.save_dir)
+
+    def _write_events(self, scalars: Dict[str, float], step: int) -> None:
+        """Tensorboard scalars ``{tag: value}`` at ``step``. Events are a by-product: when they
+        cannot be written (a full disk), they stop with one warning and the run goes on; the
+        checkpoints, whose writes wait for space, are what must not be lost."""
+        if self.writer is None:
+            return
+        try:
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
+        except OSError as exc:
+            self._events_stopped = True
+            print(f'Warning: tensorboard events in {self.save_dir} stopped ({exc}); the run goes '
+                  f'on without them', flush=True)
+            self._close_writer()
+
+    def _close_writer(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except OSError:  # already reported, or nothing left to lose: never masks an error
+                pass
 
     def _run(self, max_epoch, start_epoch, print_freq, fixbase_epoch, open_layers, start_eval,
              eval_freq, test_only):
@@ -484,12 +522,10 @@ class CrossModalEngine(tr.engine.Engine):
                       f'data {data_time.val:.3f} ({data_time.avg:.3f})\t'
                       f'eta {eta}\t{losses}\tlr {self.get_current_lr():.6f}')
             if self.writer is not None:
-                step = self.epoch * self.num_batches + self.batch_idx
-                for name, value in summary.items():
-                    self.writer.add_scalar(f'Train/{name}', value, step)
-                self.writer.add_scalar('Train/lr', self.get_current_lr(), step)
-                self.writer.add_scalar('Train/time', batch_time.val, step)
-                self.writer.add_scalar('Train/data', data_time.val, step)
+                self._write_events({**{f'Train/{name}': v for name, v in summary.items()},
+                                    'Train/lr': self.get_current_lr(),
+                                    'Train/time': batch_time.val, 'Train/data': data_time.val},
+                                   self.epoch * self.num_batches + self.batch_idx)
             signum = self._should_stop()
             if signum is not None:
                 self._preempt(signum)
@@ -598,6 +634,44 @@ class CrossModalEngine(tr.engine.Engine):
                 f'vi.train.check_disk_space False')
         return line
 
+    def _write_checkpoint(self, state: dict, path: str) -> None:
+        """:func:`save_checkpoint`, waiting for space: a write that fails (the disk filled up
+        since the pre-flight, a quota) is retried every ``SAVE_RETRY_POLL_SECONDS`` for
+        ``save_retry_minutes``, so that freeing space saves the weights in memory. A stop signal
+        (preemption) ends the wait.
+
+        Raises:
+            CheckpointError: still failing when the time is up; names the newest checkpoint on
+                disk and how to resume from it.
+        """
+        deadline = time.monotonic() + 60.0 * self.save_retry_minutes
+        waited = False
+        while True:
+            try:
+                save_checkpoint(state, path)
+                if waited:
+                    print(f'=> {path} written after waiting for disk space', flush=True)
+                return
+            except CheckpointError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop_signal is not None:
+                    last = self.last_checkpoint
+                    raise CheckpointError(
+                        f'{exc}' + (f' (retried for {self.save_retry_minutes} min, '
+                                    f'vi.train.save_retry_minutes)' if waited else '')
+                        + '. The weights of this epoch are lost; ' + (
+                            f'the newest checkpoint on disk is {last}: free space, then resume '
+                            f'from it with model.resume auto' if last else
+                            'no checkpoint was written yet')) from exc
+                if not waited:
+                    print(f'=> {exc}. Retrying every {SAVE_RETRY_POLL_SECONDS:g} s for '
+                          f'{self.save_retry_minutes} min (vi.train.save_retry_minutes): '
+                          f'free space now to keep the weights in memory', flush=True)
+                    waited = True
+                end = time.monotonic() + min(SAVE_RETRY_POLL_SECONDS, left)
+                while time.monotonic() < end and self._stop_signal is None:
+                    time.sleep(min(1.0, SAVE_RETRY_POLL_SECONDS))
+
     def save_model(self, epoch, rank1, save_dir, is_best=False, keep: bool = False) -> str:
         """Atomic checkpoint ``<save_dir>/model/model.pth.tar-<epoch+1>`` (rank 0 writes it), then
         the retention rule (``keep_last``); returns its path. ``keep`` exempts it from pruning
@@ -605,7 +679,7 @@ class CrossModalEngine(tr.engine.Engine):
         path = osp.join(save_dir, 'model', f'{_CKPT_PREFIX}{epoch + 1}')
         state = self._training_state(epoch + 1, rank1)
         if dist_utils.is_main_process():
-            save_checkpoint(state, path)
+            self._write_checkpoint(state, path)
             print(f'Checkpoint saved to "{path}"')
             if keep:
                 self._kept = getattr(self, '_kept', set()) | {path}
@@ -622,7 +696,7 @@ class CrossModalEngine(tr.engine.Engine):
         state = self._training_state(self.epoch, step=self.batch_idx + 1, loader=loader)
         path = osp.join(save_dir, 'model', f'{_CKPT_PREFIX}{INTERRUPTED_SUFFIX}')
         if dist_utils.is_main_process():
-            save_checkpoint(state, path)
+            self._write_checkpoint(state, path)
             print(f'Resumable checkpoint saved to "{path}"')
         dist_utils.barrier()
         return path
@@ -771,9 +845,8 @@ class CrossModalEngine(tr.engine.Engine):
         return float(headline.mean['rank1'])
 
     def _log_scalars(self, prefix: str, values: Dict[str, float]) -> None:
-        if self.writer is not None:
-            for metric, value in values.items():
-                self.writer.add_scalar(f'{prefix}/{metric}', value, self.epoch + 1)
+        self._write_events({f'{prefix}/{metric}': v for metric, v in values.items()},
+                           self.epoch + 1)
 
     def prepare_evaluation(self) -> List[str]:
         """Pre-flight: build and check every cross-modal target's settings now (seconds), so a
