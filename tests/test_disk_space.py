@@ -302,3 +302,29 @@ def test_a_stop_signal_ends_the_wait_for_disk_space(monkeypatch):
         engine._write_checkpoint({}, 'ckpt')
     # SIGTERM's grace period is short: the wait ends within a second of it, not in 10 min
     assert time.monotonic() - start < 3 and len(attempts) == 2
+
+
+def test_an_evaluation_whose_results_json_write_fails_is_kept_until_space_is_freed(
+        small_sysu, tmp_path, capsys, monkeypatch):
+    import torchreid_vi.results as results_mod
+    root, _ = small_sysu
+    run = tmp_path / 'run'
+    monkeypatch.setattr(engine_base, 'SAVE_RETRY_POLL_SECONDS', 0.01)
+    state = {'armed': False, 'failures': 0}
+    real_save, real_json = engine_base.save_checkpoint, results_mod.write_json_atomic
+
+    def save(state_dict, path):  # the disk fills right after the final checkpoint
+        real_save(state_dict, path)
+        state['armed'] = True
+    monkeypatch.setattr(engine_base, 'save_checkpoint', save)
+
+    def write_json(path, data, *args, **kwargs):
+        if state['armed'] and state['failures'] < 2:
+            state['failures'] += 1
+            raise _enospc()
+        return real_json(path, data, *args, **kwargs)
+    monkeypatch.setattr(results_mod, 'write_json_atomic', write_json)
+    assert _run(root, run, 'train.max_epoch', '1') == 0
+    assert state['failures'] == 2
+    assert 'results.json written after waiting for disk space' in capsys.readouterr().out
+    assert [e['epoch'] for e in json.load(open(run / 'results.json'))['evaluations']] == [1]

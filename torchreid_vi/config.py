@@ -320,7 +320,7 @@ def _plugin_defaults(cfg: Config) -> None:
     cfg.vi.train.checkpoint_freq = 1  # save a checkpoint every N epochs (and before evaluations)
     cfg.vi.train.keep_last = 0  # keep the newest N periodic checkpoints (0: all; final kept)
     cfg.vi.train.check_disk_space = True  # pre-flight: the save_dir's disk holds the checkpoints
-    cfg.vi.train.save_retry_minutes = 10  # a checkpoint write that fails is retried this long
+    cfg.vi.train.save_retry_minutes = 10  # a failed checkpoint/results write is retried this long
     cfg.vi.train.share_save_dir = False  # allow several runs in one data.save_dir on purpose
     cfg.vi.train.deterministic = False  # torch.use_deterministic_algorithms (slower)
 

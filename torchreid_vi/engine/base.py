@@ -21,7 +21,8 @@ single-modality targets, the console and tensorboard log format) and replaces ``
   naming the terms and the last good checkpoint);
 * **disk space**: :meth:`check_disk_space` (the pre-flight) refuses a save_dir whose disk cannot
   hold the checkpoints the run keeps; if the disk fills anyway, tensorboard events stop with a
-  warning and a checkpoint write is retried for ``save_retry_minutes`` before the run stops;
+  warning, and a checkpoint or ``results.json`` write is retried for ``save_retry_minutes``
+  before the run stops;
 * **mixed precision** (``amp``: none / fp16 with a dynamic GradScaler / bf16) for every engine;
 * **distributed**: rank 0 alone writes checkpoints, tensorboard events and results, and
   evaluates (the other ranks wait); :meth:`gather` gives losses the global batch;
@@ -138,8 +139,8 @@ class CrossModalEngine(tr.engine.Engine):
             the final one and those before evaluations).
         keep_last: keep the newest N periodic checkpoints (``vi.train.keep_last``; 0: all); the
             final checkpoint and the ones evaluations came from are kept.
-        save_retry_minutes: how long a checkpoint that cannot be written (a full disk, a quota)
-            is retried, every ``SAVE_RETRY_POLL_SECONDS``, before the run stops
+        save_retry_minutes: how long a checkpoint or ``results.json`` write that fails (a full
+            disk, a quota) is retried, every ``SAVE_RETRY_POLL_SECONDS``, before the run stops
             (``vi.train.save_retry_minutes``; 0: stop at once).
         results: where evaluations are recorded (a :class:`~torchreid_vi.results.ResultsFile`
             or anything with its ``add_evaluation``), or ``None``.
@@ -634,43 +635,58 @@ class CrossModalEngine(tr.engine.Engine):
                 f'vi.train.check_disk_space False')
         return line
 
+    def _waiting_for_space(self, write, what: str, errors: tuple, give_up) -> None:
+        """``write()``, retried while it raises one of ``errors`` (a full disk, a quota) every
+        ``SAVE_RETRY_POLL_SECONDS`` for ``save_retry_minutes``, so that freeing space saves what
+        is in memory; a stop signal (preemption) ends the wait. Then raises
+        ``give_up(last_error, note)``, ``note`` saying how long it retried ('' if it did not)."""
+        deadline = time.monotonic() + 60.0 * self.save_retry_minutes
+        waited = False
+        while True:
+            try:
+                write()
+                if waited:
+                    print(f'=> {what} written after waiting for disk space', flush=True)
+                return
+            except errors as exc:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop_signal is not None:
+                    note = (f' (retried for {self.save_retry_minutes} min, '
+                            f'vi.train.save_retry_minutes)' if waited else '')
+                    raise give_up(exc, note) from exc
+                if not waited:
+                    print(f'=> cannot write {what} ({exc}). Retrying every '
+                          f'{SAVE_RETRY_POLL_SECONDS:g} s for {self.save_retry_minutes} min '
+                          f'(vi.train.save_retry_minutes): free disk space now', flush=True)
+                    waited = True
+                end = time.monotonic() + min(SAVE_RETRY_POLL_SECONDS, left)
+                while time.monotonic() < end and self._stop_signal is None:
+                    time.sleep(min(1.0, SAVE_RETRY_POLL_SECONDS))
+
     def _write_checkpoint(self, state: dict, path: str) -> None:
-        """:func:`save_checkpoint`, waiting for space: a write that fails (the disk filled up
-        since the pre-flight, a quota) is retried every ``SAVE_RETRY_POLL_SECONDS`` for
-        ``save_retry_minutes``, so that freeing space saves the weights in memory. A stop signal
-        (preemption) ends the wait.
+        """:func:`save_checkpoint`, waiting for space (:meth:`_waiting_for_space`).
 
         Raises:
             CheckpointError: still failing when the time is up; names the newest checkpoint on
                 disk and how to resume from it.
         """
-        deadline = time.monotonic() + 60.0 * self.save_retry_minutes
-        waited = False
-        while True:
-            try:
-                save_checkpoint(state, path)
-                if waited:
-                    print(f'=> {path} written after waiting for disk space', flush=True)
-                return
-            except CheckpointError as exc:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop_signal is not None:
-                    last = self.last_checkpoint
-                    raise CheckpointError(
-                        f'{exc}' + (f' (retried for {self.save_retry_minutes} min, '
-                                    f'vi.train.save_retry_minutes)' if waited else '')
-                        + '. The weights of this epoch are lost; ' + (
-                            f'the newest checkpoint on disk is {last}: free space, then resume '
-                            f'from it with model.resume auto' if last else
-                            'no checkpoint was written yet')) from exc
-                if not waited:
-                    print(f'=> {exc}. Retrying every {SAVE_RETRY_POLL_SECONDS:g} s for '
-                          f'{self.save_retry_minutes} min (vi.train.save_retry_minutes): '
-                          f'free space now to keep the weights in memory', flush=True)
-                    waited = True
-                end = time.monotonic() + min(SAVE_RETRY_POLL_SECONDS, left)
-                while time.monotonic() < end and self._stop_signal is None:
-                    time.sleep(min(1.0, SAVE_RETRY_POLL_SECONDS))
+        last = self.last_checkpoint
+        self._waiting_for_space(
+            lambda: save_checkpoint(state, path), path, (CheckpointError,),
+            lambda exc, note: CheckpointError(
+                f'{exc}{note}. The weights of this epoch are lost; ' + (
+                    f'the newest checkpoint on disk is {last}: free space, then resume from it '
+                    f'with model.resume auto' if last else 'no checkpoint was written yet')))
+
+    def _record_evaluation(self, *args, **kwargs) -> None:
+        """``results.add_evaluation``, waiting for space like a checkpoint: the evaluation's
+        numbers are in memory only until ``results.json`` holds them."""
+        if self.results is None:
+            return
+        path = getattr(self.results, 'path', 'results.json')
+        self._waiting_for_space(lambda: self.results.add_evaluation(*args, **kwargs), path,
+                                (OSError,),
+                                lambda exc, note: OSError(f'cannot write {path} ({exc}){note}'))
 
     def save_model(self, epoch, rank1, save_dir, is_best=False, keep: bool = False) -> str:
         """Atomic checkpoint ``<save_dir>/model/model.pth.tar-<epoch+1>`` (rank 0 writes it), then
@@ -815,10 +831,9 @@ class CrossModalEngine(tr.engine.Engine):
             use_metric_cuhk03=o.use_metric_cuhk03, ranks=list(o.ranks),
             rerank=o.rerank != 'none')
         self._log_scalars(f'Test/{name}', {'rank1': rank1, 'mAP': mAP})
-        if self.results is not None:
-            self.results.add_evaluation(self.epoch + 1, name, {f'{name}/torchreid': {
-                'mean': {'rank1': float(rank1), 'mAP': float(mAP)}}}, checkpoint=checkpoint,
-                final=bool(final), protocol='torchreid')
+        self._record_evaluation(self.epoch + 1, name, {f'{name}/torchreid': {
+            'mean': {'rank1': float(rank1), 'mAP': float(mAP)}}}, checkpoint=checkpoint,
+            final=bool(final), protocol='torchreid')
         return float(rank1)
 
     @torch.no_grad()
@@ -831,9 +846,8 @@ class CrossModalEngine(tr.engine.Engine):
             title=f'{name} (epoch {self.epoch + 1})')
         for key, res in results.items():
             self._log_scalars(f'Test/{key}', {m: res.mean[m] for m in ('rank1', 'mAP', 'mINP')})
-        if self.results is not None:
-            self.results.add_evaluation(self.epoch + 1, name, results, checkpoint=checkpoint,
-                                        final=bool(final))
+        self._record_evaluation(self.epoch + 1, name, results, checkpoint=checkpoint,
+                                final=bool(final))
         self.last_results[name] = results
         if final and self.evaluator.options.visrank:
             self.evaluator.visualize(name, qloader.dataset, gloader.dataset, dist,
