@@ -36,11 +36,9 @@ SUITE_DISK_BYTES = 1 << 30
 def pytest_sessionstart(session):
     """Stop at once, with the reason, when the temporary folder cannot hold the suite's files:
     a full disk otherwise shows as dozens of unrelated-looking failures."""
-    base = session.config.option.basetemp or tempfile.gettempdir()
-    folder = os.path.abspath(base)
-    while not os.path.isdir(folder):  # --basetemp may not exist yet
-        folder = os.path.dirname(folder)
-    free = shutil.disk_usage(folder).free
+    from torchreid_vi.utils.fileio import free_bytes
+    folder = os.path.abspath(session.config.option.basetemp or tempfile.gettempdir())
+    free = free_bytes(folder)  # --basetemp may not exist yet
     if free < SUITE_DISK_BYTES:
         pytest.exit(f'the tests need about {SUITE_DISK_BYTES / 2**30:.1f} GiB free for their '
                     f'temporary files in {folder}, which has {free / 2**30:.2f} GiB free; free '

@@ -45,7 +45,6 @@ import glob
 import math
 import os
 import os.path as osp
-import shutil
 import signal
 import time
 from typing import Dict, List, Optional, Union
@@ -69,11 +68,13 @@ from ..data.loader import EpochBatchSampler
 from ..evaluation.evaluator import CrossModalEvaluator, FeatureDict
 from ..utils import distributed as dist_utils
 from ..utils.distributed import unwrap_model
+from ..utils.fileio import free_bytes
 
 __all__ = ['CrossModalEngine', 'AMP_MODES', 'EvaluationFailed', 'Preempted', 'NonFiniteLoss',
            'NothingToTrain', 'INTERRUPTED_SUFFIX', 'latest_checkpoint', 'SAVE_RETRY_POLL_SECONDS']
 
-# how often a checkpoint that could not be written is tried again (vi.train.save_retry_minutes)
+# how often a checkpoint or results.json write that failed is tried again
+# (for vi.train.save_retry_minutes)
 SAVE_RETRY_POLL_SECONDS = 15.0
 
 AMP_MODES = ('none', 'fp16', 'bf16')
@@ -614,10 +615,7 @@ class CrossModalEngine(tr.engine.Engine):
         if dist_utils.is_main_process():
             plan = self.checkpoint_schedule(start_epoch, max_epoch, start_eval, eval_freq)
             size = checkpoint_bytes(self.model, self.optimizer)
-            folder = osp.abspath(save_dir)
-            while not osp.isdir(folder):  # the save_dir is made when the first file is written
-                folder = osp.dirname(folder)
-            free = shutil.disk_usage(folder).free
+            free = free_bytes(save_dir)  # the save_dir may not exist yet
             need = size * plan['peak']
             line = (f'data.save_dir {save_dir} keeps up to {plan["peak"]} checkpoints of about '
                     f'{size / 2**20:,.0f} MiB, {need / 2**30:,.2f} GiB ({plan["evaluated"]} '

@@ -24,12 +24,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import socket
 import tempfile
 from typing import Any, Callable, List
 
 __all__ = ['atomic_write', 'atomic_produce', 'write_json_atomic', 'remove_stale_parts',
-           'current_umask', 'pid_alive', 'hostname', 'PART_SUFFIX']
+           'current_umask', 'pid_alive', 'hostname', 'free_bytes', 'PART_SUFFIX']
 
 PART_SUFFIX = '.part'
 
@@ -128,6 +129,15 @@ def remove_stale_parts(folder: str, recursive: bool = True) -> List[str]:
             except FileNotFoundError:
                 pass
     return removed
+
+
+def free_bytes(path: str) -> int:
+    """Free bytes on the disk that holds ``path``, or will once it is created (its nearest
+    existing parent folder is measured)."""
+    folder = os.path.abspath(path)
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    return shutil.disk_usage(folder).free
 
 
 def hostname() -> str:
